@@ -1,0 +1,7 @@
+"""``python -m cssfs`` runs the command-line interface."""
+
+import sys
+
+from cssfs.cli import main
+
+sys.exit(main())
