@@ -9,19 +9,51 @@ read and write file objects they are given, everything here is a pure function o
 
 from __future__ import annotations
 
+import io
+import shutil
 import struct
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import constant_time
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.utils import Buffer
 
 from cssfs.crypto import (
     CHUNK_SIZE,
+    FILE_KEY_SIZE,
     HASH_SIZE,
     SALT_SIZE,
     TAG_SIZE,
     WRAPPED_SIZE,
     X25519_SIZE,
+    FileKeys,
+    PayloadCipher,
+    Rng,
+    default_rng,
+    derive_file_keys,
+    hmac_sha256,
+    hmac_sha256_verify,
     sha256,
+    wrap_file_key,
 )
-from cssfs.errors import FormatError, UnsupportedVersionError
+from cssfs.errors import (
+    BindingError,
+    ChunkAuthError,
+    ConfigError,
+    FormatError,
+    HeaderAuthError,
+    NoIdentityMatchError,
+    PayloadError,
+    SignatureError,
+    TrailingDataError,
+    TruncatedError,
+    UnsupportedVersionError,
+)
+from cssfs.keys import Identity, Recipient
 
 MAGIC = b"cssfs\x00"
 VERSION = 1
@@ -244,3 +276,439 @@ def parse_header(data: bytes) -> Header:
         stanzas=stanzas, mac=mac, signature=signature,
     )
 
+
+
+def verify_signature(header: Header) -> None:
+    """Check the writer's signature; needs no identity. SignatureError if it does not verify."""
+    try:
+        Ed25519PublicKey.from_public_bytes(header.writer).verify(
+            header.signature, header.signed_message()
+        )
+    except (InvalidSignature, ValueError):
+        raise SignatureError("the writer's signature does not verify") from None
+
+
+def check_envelope_size(plain_size: int, actual_size: int) -> None:
+    """TruncatedError / TrailingDataError unless an object of ``actual_size`` bytes is exactly
+    the envelope of ``plain_size`` plaintext bytes (the size authenticated by the header)."""
+    expected = envelope_size(plain_size)
+    if actual_size < expected:
+        raise TruncatedError(f"envelope is truncated ({actual_size} of {expected} bytes)")
+    if actual_size > expected:
+        raise TrailingDataError(f"{actual_size - expected} bytes of trailing data after envelope")
+
+
+# -- sealing --------------------------------------------------------------------------------
+
+
+def _stanza_for(file_key: bytes, recipient: Recipient, rng: Rng) -> Stanza:
+    ephemeral, wrapped = wrap_file_key(file_key, recipient.x25519, rng=rng)
+    return Stanza(recipient.key_id, ephemeral, wrapped)
+
+
+def _sealed_header(header: Header, mac_key: bytes) -> Header:
+    return replace(header, mac=hmac_sha256(mac_key, header.mac_input()))
+
+
+def _check_meta(binding: bytes, mtime_ns: int, mode: int) -> None:
+    if len(binding) != BINDING_SIZE:
+        raise ValueError("envelope: binding must be 32 bytes")
+    if not 0 <= mtime_ns < 1 << 64:
+        raise ValueError("envelope: mtime_ns out of range")
+    if mode < 0 or mode & ~MODE_MASK:
+        raise ValueError("envelope: mode has bits outside 0o7777")
+
+
+def _too_many(count: int) -> ConfigError:
+    return ConfigError(
+        f"too many recipients ({count}; a file holds at most {MAX_RECIPIENTS}): "
+        "share with a group instead"
+    )
+
+
+class EnvelopeWriter:
+    """Seal one envelope: feed the plaintext chunks in order, then build the header.
+
+    The writer's own identity is always the first recipient; recipients are deduplicated by
+    X25519 key. Randomness is drawn in this order: file key (32), salt (16), then one ephemeral
+    key (32) per stanza, in stanza order.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        recipients: Sequence[Recipient],
+        *,
+        binding: bytes = UNBOUND,
+        mtime_ns: int = 0,
+        mode: int = 0o644,
+        rng: Rng | None = None,
+    ) -> None:
+        _check_meta(binding, mtime_ns, mode)
+        rng = rng or default_rng
+        everyone: dict[bytes, Recipient] = {identity.recipient.x25519: identity.recipient}
+        for recipient in recipients:
+            everyone.setdefault(recipient.x25519, recipient)
+        if len(everyone) > MAX_RECIPIENTS:
+            raise _too_many(len(everyone))
+        self._identity = identity
+        self._binding = binding
+        self._mtime_ns = mtime_ns
+        self._mode = mode
+        file_key = rng(FILE_KEY_SIZE)
+        self._salt = rng(SALT_SIZE)
+        self._keys = derive_file_keys(file_key, self._salt)
+        self._stanzas = tuple(_stanza_for(file_key, r, rng) for r in everyone.values())
+        self._cipher = PayloadCipher(self._keys.payload_key)
+        self._hashes: list[bytes] = []
+        self._plain_size = 0
+        self._done = False
+
+    def __repr__(self) -> str:
+        return f"EnvelopeWriter(chunks={len(self._hashes)}, done={self._done})"
+
+    @property
+    def plain_size(self) -> int:
+        """Plaintext bytes sealed so far."""
+        return self._plain_size
+
+    def _check_chunk(self, length: int, last: bool) -> int:
+        if self._done:
+            raise ValueError("envelope: internal error: chunk sealed after the last chunk")
+        index = len(self._hashes)
+        if length > CHUNK_SIZE or (not last and length != CHUNK_SIZE):
+            raise ValueError("envelope: internal error: only the last chunk may be short")
+        if last and length == 0 and index > 0:
+            raise ValueError("envelope: internal error: empty last chunk after a full chunk")
+        return index
+
+    def _record(self, ciphertext: Buffer, length: int, last: bool) -> None:
+        self._hashes.append(sha256(ciphertext))
+        self._plain_size += length
+        self._done = last
+
+    def seal_chunk(self, plaintext: Buffer, *, last: bool) -> bytes:
+        """The ciphertext (len + 16 bytes) of the next chunk. Only the last may be short."""
+        length = len(memoryview(plaintext))
+        index = self._check_chunk(length, last)
+        ciphertext = self._cipher.seal(index, plaintext, last=last)
+        self._record(ciphertext, length, last)
+        return ciphertext
+
+    def seal_chunk_into(self, plaintext: Buffer, out: Buffer, *, last: bool) -> int:
+        """Like seal_chunk, writing into ``out`` (exactly len + 16 bytes); returns its length."""
+        length = len(memoryview(plaintext))
+        index = self._check_chunk(length, last)
+        written = self._cipher.seal_into(index, plaintext, out, last=last)
+        self._record(out, length, last)
+        return written
+
+    def finish(self) -> tuple[bytes, bytes]:
+        """(header region of HEADER_SIZE bytes, chunk table) once the last chunk is sealed."""
+        if not self._done:
+            raise ValueError("envelope: internal error: finish() before the last chunk")
+        table = b"".join(self._hashes)
+        header = Header(
+            version=VERSION, chunk_size=CHUNK_SIZE, plain_size=self._plain_size,
+            mtime_ns=self._mtime_ns, mode=self._mode, salt=self._salt, binding=self._binding,
+            writer=self._identity.recipient.ed25519 or b"", commitment=self._keys.commitment,
+            table_hash=sha256(table), stanzas=self._stanzas, mac=bytes(MAC_SIZE),
+            signature=bytes(SIGNATURE_SIZE),
+        )
+        header = replace(header, signature=self._identity.sign(header.signed_message()))
+        return _sealed_header(header, self._keys.mac_key).to_bytes(), table
+
+
+# -- opening --------------------------------------------------------------------------------
+
+
+class OpenedEnvelope:
+    """A header verified for one identity: the file key, and the checks for payload chunks."""
+
+    __slots__ = ("_cipher", "_keys", "_table", "file_key", "header")
+
+    def __init__(self, header: Header, file_key: bytes, keys: FileKeys) -> None:
+        self.header = header
+        self.file_key = file_key
+        self._keys = keys
+        self._cipher = PayloadCipher(keys.payload_key)
+        self._table: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"OpenedEnvelope(plain_size={self.header.plain_size})"
+
+    @property
+    def chunk_count(self) -> int:
+        return self.header.chunk_count
+
+    @property
+    def table_loaded(self) -> bool:
+        return self._table is not None
+
+    def load_table(self, table: bytes) -> None:
+        """Check the chunk table against the signed table hash and keep it for open_chunk."""
+        expected = HASH_SIZE * self.chunk_count
+        if len(table) < expected:
+            raise TruncatedError(f"chunk table is truncated ({len(table)} of {expected} bytes)")
+        if len(table) > expected:
+            raise PayloadError(f"chunk table is too long ({len(table)} of {expected} bytes)")
+        if sha256(table) != self.header.table_hash:
+            raise PayloadError("chunk table does not match the writer's signature")
+        self._table = bytes(table)
+
+    def chunk_hash(self, index: int) -> bytes:
+        """Entry ``index`` of the loaded chunk table."""
+        if self._table is None:
+            raise ValueError("envelope: internal error: load_table() before reading chunks")
+        if not 0 <= index < self.chunk_count:
+            raise ValueError(f"envelope: chunk {index} out of range")
+        return self._table[HASH_SIZE * index : HASH_SIZE * (index + 1)]
+
+    def _check_length(self, index: int, ciphertext: Buffer) -> None:
+        if len(memoryview(ciphertext)) != chunk_range(index, self.header.plain_size)[1]:
+            raise ChunkAuthError(index, "has the wrong length")
+
+    def open_chunk(self, index: int, ciphertext: Buffer) -> bytes:
+        """Plaintext of chunk ``index``, checked against the chunk table then its GCM tag."""
+        expected = self.chunk_hash(index)
+        self._check_length(index, ciphertext)
+        if sha256(ciphertext) != expected:
+            raise ChunkAuthError(index, "does not match the chunk table")
+        return self._cipher.open(index, ciphertext, last=index == self.chunk_count - 1)
+
+    def open_chunk_into(self, index: int, ciphertext: Buffer, out: bytearray | memoryview) -> int:
+        """Like open_chunk, writing into ``out`` (exactly the chunk's plaintext length)."""
+        expected = self.chunk_hash(index)
+        self._check_length(index, ciphertext)
+        if sha256(ciphertext) != expected:
+            raise ChunkAuthError(index, "does not match the chunk table")
+        return self._cipher.open_into(
+            index, ciphertext, out, last=index == self.chunk_count - 1
+        )
+
+    def _open_unlisted_into(
+        self, index: int, ciphertext: Buffer, out: bytearray | memoryview
+    ) -> int:
+        # GCM only: for a streaming decrypt that meets the table after the payload; the caller
+        # must compare sha256(ciphertext) with the table at the end.
+        return self._cipher.open_into(
+            index, ciphertext, out, last=index == self.chunk_count - 1
+        )
+
+    def reseal(
+        self,
+        *,
+        add: Sequence[Recipient] = (),
+        binding: bytes | None = None,
+        mtime_ns: int | None = None,
+        mode: int | None = None,
+        rng: Rng | None = None,
+    ) -> bytes:
+        """A new header for the same payload: stanzas appended for ``add`` (skipping key ids
+        already present), binding/mtime/mode changed if given, a new MAC. The commitment, table
+        hash, writer and signature are kept, so the writer stays who wrote the file."""
+        h = self.header
+        new_binding = h.binding if binding is None else binding
+        new_mtime = h.mtime_ns if mtime_ns is None else mtime_ns
+        new_mode = h.mode if mode is None else mode
+        _check_meta(new_binding, new_mtime, new_mode)
+        rng = rng or default_rng
+        stanzas = list(h.stanzas)
+        present = {s.key_id for s in stanzas}
+        for recipient in add:
+            if recipient.key_id in present:
+                continue
+            present.add(recipient.key_id)
+            stanzas.append(_stanza_for(self.file_key, recipient, rng))
+        if len(stanzas) > MAX_RECIPIENTS:
+            raise _too_many(len(stanzas))
+        new = replace(
+            h, binding=new_binding, mtime_ns=new_mtime, mode=new_mode, stanzas=tuple(stanzas)
+        )
+        return _sealed_header(new, self._keys.mac_key).to_bytes()
+
+
+def open_header(
+    data: bytes | Header, identity: Identity, *, binding: bytes | None = None
+) -> OpenedEnvelope:
+    """Parse and authenticate a header for ``identity``.
+
+    Order: parse (FormatError) -> unwrap a stanza with our key id (NoIdentityMatchError if none
+    has it, HeaderAuthError if every one fails) -> key commitment and header MAC
+    (HeaderAuthError) -> writer's signature (SignatureError) -> binding, if ``binding`` is given
+    (BindingError).
+    """
+    header = data if isinstance(data, Header) else parse_header(data)
+    own_id = identity.recipient.key_id
+    candidates = [s for s in header.stanzas if s.key_id == own_id]
+    if not candidates:
+        raise NoIdentityMatchError("the file is not encrypted for this identity")
+    file_key = None
+    for stanza in candidates:
+        file_key = identity.unwrap(stanza.ephemeral, stanza.wrapped)
+        if file_key is not None:
+            break
+    if file_key is None:
+        raise HeaderAuthError("the stanza for this identity does not decrypt (tampered header)")
+    keys = derive_file_keys(file_key, header.salt)
+    if not constant_time.bytes_eq(keys.commitment, header.commitment):
+        raise HeaderAuthError("the key commitment does not match (tampered header)")
+    if not hmac_sha256_verify(keys.mac_key, header.mac_input(), header.mac):
+        raise HeaderAuthError("the header MAC does not verify (tampered header)")
+    verify_signature(header)
+    if binding is not None and binding != header.binding:
+        raise BindingError("the envelope belongs to another object (moved or swapped)")
+    return OpenedEnvelope(header, file_key, keys)
+
+
+# -- whole-stream helpers (the CLI's encrypt/decrypt) ---------------------------------------
+
+
+def _seekable(f: BinaryIO) -> bool:
+    try:
+        if not f.seekable():
+            return False
+        f.tell()
+    except (OSError, AttributeError, ValueError):
+        return False
+    return True
+
+
+def _read_full(src: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``src`` (short reads retried); returns the bytes read (< len at EOF)."""
+    readinto = getattr(src, "readinto", None)
+    total = 0
+    while total < len(view):
+        if readinto is not None:
+            n = readinto(view[total:])
+        else:
+            data = src.read(len(view) - total)
+            n = len(data)
+            view[total : total + n] = data
+        if not n:
+            break
+        total += n
+    return total
+
+
+def encrypt_stream(
+    src: BinaryIO,
+    dst: BinaryIO,
+    identity: Identity,
+    recipients: Sequence[Recipient],
+    *,
+    binding: bytes = UNBOUND,
+    mtime_ns: int = 0,
+    mode: int = 0o644,
+    rng: Rng | None = None,
+) -> None:
+    """Encrypt all of ``src`` into one envelope written to ``dst``, in bounded memory.
+
+    The header is built last: on a seekable ``dst`` a 4096-byte hole is written first and
+    filled at the end; otherwise the ciphertext (never plaintext) is spooled to a temporary
+    file and copied out after the header.
+    """
+    writer = EnvelopeWriter(
+        identity, recipients, binding=binding, mtime_ns=mtime_ns, mode=mode, rng=rng
+    )
+    seekable = _seekable(dst)
+    body: BinaryIO
+    if seekable:
+        start = dst.tell()
+        dst.write(bytes(HEADER_SIZE))
+        body = dst
+    else:
+        body = tempfile.TemporaryFile()  # noqa: SIM115 -- closed below
+    try:
+        bufs = (bytearray(CHUNK_SIZE), bytearray(CHUNK_SIZE))
+        out = memoryview(bytearray(CHUNK_SIZE + TAG_SIZE))
+        cur = 0
+        n = _read_full(src, memoryview(bufs[cur]))
+        while True:
+            # One chunk of read-ahead: a full chunk is the last only if nothing follows it.
+            next_n = _read_full(src, memoryview(bufs[1 - cur])) if n == CHUNK_SIZE else 0
+            last = next_n == 0
+            sealed = out[: n + TAG_SIZE]
+            writer.seal_chunk_into(memoryview(bufs[cur])[:n], sealed, last=last)
+            body.write(sealed)
+            if last:
+                break
+            cur, n = 1 - cur, next_n
+        header, table = writer.finish()
+        body.write(table)
+        if seekable:
+            end = dst.tell()
+            dst.seek(start)
+            dst.write(header)
+            dst.seek(end)
+        else:
+            dst.write(header)
+            body.seek(0)
+            shutil.copyfileobj(body, dst, CHUNK_SIZE)
+    finally:
+        if body is not dst:
+            body.close()
+    dst.flush()
+
+
+def _read_exact(src: BinaryIO, length: int) -> bytearray:
+    buf = bytearray(length)
+    if _read_full(src, memoryview(buf)) != length:
+        raise TruncatedError("envelope is truncated")
+    return buf
+
+
+def decrypt_stream(
+    src: BinaryIO, dst: BinaryIO, identity: Identity, *, binding: bytes | None = None
+) -> None:
+    """Decrypt one envelope from ``src`` to ``dst``, in bounded memory.
+
+    No chunk's plaintext is written before its GCM tag verifies. On a seekable ``src`` the
+    size and the chunk table are checked first, so every chunk is also checked against the
+    writer's signature before release. On a pipe the table comes after the payload: chunks are
+    released once their tag verifies and the table is compared at the end, so content forged by
+    a co-recipient (who knows the file key) is detected only then -- PayloadError, after some
+    output. The cloud, which lacks the file key, cannot forge any chunk.
+    """
+    seekable = _seekable(src)
+    start = src.tell() if seekable else 0
+    header_bytes = bytearray(HEADER_SIZE)
+    got = _read_full(src, memoryview(header_bytes))
+    if got != HEADER_SIZE:
+        raise FormatError(f"too short to be a cssfs envelope ({got} bytes)")
+    opened = open_header(bytes(header_bytes), identity, binding=binding)
+    size = opened.header.plain_size
+    count = opened.chunk_count
+    table_offset, table_length = table_range(size)
+    ct_buf = bytearray(CHUNK_SIZE + TAG_SIZE)
+    pt_buf = bytearray(CHUNK_SIZE)
+
+    if seekable:
+        end = src.seek(0, io.SEEK_END)
+        check_envelope_size(size, end - start)
+        src.seek(start + table_offset)
+        opened.load_table(bytes(_read_exact(src, table_length)))
+        src.seek(start + HEADER_SIZE)
+
+    hashes: list[bytes] = []
+    for index in range(count):
+        _, ct_len = chunk_range(index, size)
+        ct = memoryview(ct_buf)[:ct_len]
+        if _read_full(src, ct) != ct_len:
+            raise TruncatedError(f"envelope is truncated in chunk {index}")
+        pt = memoryview(pt_buf)[: ct_len - TAG_SIZE]
+        if seekable:
+            opened.open_chunk_into(index, ct, pt)
+        else:
+            hashes.append(sha256(ct))
+            opened._open_unlisted_into(index, ct, pt)
+        dst.write(pt)
+
+    if not seekable:
+        table = bytes(_read_exact(src, table_length))
+        if src.read(1):
+            raise TrailingDataError("trailing data after the envelope")
+        opened.load_table(table)
+        if b"".join(hashes) != table:
+            raise PayloadError("payload does not match the writer's signature")
+    dst.flush()
