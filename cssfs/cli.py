@@ -177,6 +177,9 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations: `--passphrase x` must not mean `--passphrase-file x`, and a new
+        # option must never change what an existing command line means.
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         group = self.add_argument_group("global options")
         group.add_argument(

@@ -124,25 +124,30 @@ def _not_a_terminal(path: str) -> None:
 # -- commands ---------------------------------------------------------------------------------
 
 
+# Both open IN first, so a mistyped name fails before any passphrase prompt.
+
+
 def _encrypt(args: argparse.Namespace) -> None:
     _not_a_terminal(args.output)
-    identity = load_identity(args)
-    book = config.Contacts.load()
-    recipients = [config.resolve_recipient(text, book) for text in args.recipient]
-    with _input(args.input) as src, _output(args.output, mode=0o666 & ~_umask()) as dst:
-        try:
-            envelope.encrypt_stream(src, dst, identity, recipients)
-        except CssfsError as exc:
-            raise about(_name(args.input), exc) from None
+    with _input(args.input) as src:
+        identity = load_identity(args)
+        book = config.Contacts.load()
+        recipients = [config.resolve_recipient(text, book) for text in args.recipient]
+        with _output(args.output, mode=0o666 & ~_umask()) as dst:
+            try:
+                envelope.encrypt_stream(src, dst, identity, recipients)
+            except CssfsError as exc:
+                raise about(_name(args.input), exc) from None
 
 
 def _decrypt(args: argparse.Namespace) -> None:
-    identity = load_identity(args)
-    with _input(args.input) as src, _output(args.output, mode=0o600) as dst:
-        try:
-            envelope.decrypt_stream(src, dst, identity)
-        except CssfsError as exc:
-            raise about(_name(args.input), exc) from None
+    with _input(args.input) as src:
+        identity = load_identity(args)
+        with _output(args.output, mode=0o600) as dst:
+            try:
+                envelope.decrypt_stream(src, dst, identity)
+            except CssfsError as exc:
+                raise about(_name(args.input), exc) from None
 
 
 def _optional_identity(args: argparse.Namespace) -> Identity | None:
