@@ -22,12 +22,11 @@ from cryptography.hazmat.primitives import constant_time
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.utils import Buffer
 
+from cssfs.crypto import CHUNK_SIZE as CHUNK_SIZE  # re-exported: a format constant
 from cssfs.crypto import (
-    CHUNK_SIZE,
     FILE_KEY_SIZE,
     HASH_SIZE,
     SALT_SIZE,
-    TAG_SIZE,
     WRAPPED_SIZE,
     X25519_SIZE,
     FileKeys,
@@ -40,6 +39,7 @@ from cssfs.crypto import (
     sha256,
     wrap_file_key,
 )
+from cssfs.crypto import TAG_SIZE as TAG_SIZE
 from cssfs.errors import (
     BindingError,
     ChunkAuthError,
