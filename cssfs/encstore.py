@@ -1,0 +1,919 @@
+"""encstore: EncryptedStore, a plaintext API over a ciphertext ObjectStore (S3QL's comprenc idea).
+
+What it knows: envelopes (cssfs.envelope), our identity and the default recipients, an
+ObjectStore, the ChunkCache, trio. What it must not know: FUSE, boto3, the CLI, contacts.
+
+Every object it writes is one envelope bound to its full object key
+(``object_binding(store.full_key(key))``), encrypted for our identity plus the recipients and
+signed by our identity. Every object it reads is checked before any plaintext leaves: header
+(MAC, commitment, signature, binding), object size against the authenticated plaintext size, the
+chunk table against the signed table hash, then each chunk against its table entry and GCM tag.
+
+Invariants the ``await`` points must keep (the S3QL ``block_cache`` note):
+
+* ``_in_flight[(key, etag, index)]`` exists exactly while one task (the leader) fetches that
+  chunk. Others wait on its event and take the plaintext from the flight (not from the cache:
+  the cache may be disabled or may have evicted it). A leader that fails or is cancelled
+  leaves ``data=None``; a waiter then fetches the chunk itself. So a chunk costs one GET however
+  many readers ask for it at once.
+* The ChunkCache and the two small LRUs are only touched between awaits, by synchronous code.
+* Bulk crypto (more than ``INLINE_CHUNKS`` chunks) runs in worker threads behind ``cpu_limiter``;
+  a chunk or two is opened inline (a thread hop costs more than the AES-GCM of 128 KiB).
+* Read-ahead runs in the nursery given at construction or opened by ``async with`` on the store.
+  A read-ahead task never raises: its errors are logged at DEBUG (the foreground read that needs
+  the chunk meets the same error and reports it); without a nursery there is no read-ahead.
+
+Errors: NoIdentityMatchError (not shared with us; the mount maps it to EACCES) stays distinct
+from the tamper errors (FormatError, HeaderAuthError/BindingError, SignatureError, PayloadError
+and subclasses; EIO). A tamper error is logged once at WARNING naming the object key and the
+chunk, never plaintext or key bytes.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import BinaryIO, Generic, Literal, TypeVar
+
+import trio
+
+from cssfs.cache import ChunkCache
+from cssfs.envelope import (
+    CHUNK_SIZE,
+    HEADER_SIZE,
+    EnvelopeWriter,
+    Header,
+    OpenedEnvelope,
+    check_envelope_size,
+    chunk_count,
+    chunk_range,
+    chunks_for,
+    encrypt_stream,
+    object_binding,
+    open_header,
+    parse_header,
+    plain_size,
+    table_range,
+    verify_signature,
+)
+from cssfs.errors import (
+    CssfsError,
+    FormatError,
+    HeaderAuthError,
+    NoIdentityMatchError,
+    PayloadError,
+    SignatureError,
+    TruncatedError,
+)
+from cssfs.keys import Identity, Recipient, writer_fingerprint
+from cssfs.store.base import ObjectInfo, ObjectStore, PartSource
+
+log = logging.getLogger(__name__)
+
+TAG_SIZE = 16
+CIPHER_CHUNK = CHUNK_SIZE + TAG_SIZE
+
+#: Chunks opened inline on the trio loop; more go to a worker thread.
+INLINE_CHUNKS = 2
+#: Chunks sealed per worker-thread hop when uploading (8 MiB).
+SEAL_BATCH_CHUNKS = 128
+#: Most chunks fetched by one coalesced ranged GET (1 MiB).
+MAX_COALESCE_CHUNKS = 16
+#: Default sequential read-ahead window.
+DEFAULT_READAHEAD_BYTES = 4 * 1024 * 1024
+#: get_to: chunks per ranged GET and GETs in flight (memory ~ SEGMENT x (PARALLEL + 1)).
+GET_TO_SEGMENT_CHUNKS = 32
+GET_TO_PARALLEL = 4
+
+PlainSource = bytes | bytearray | memoryview | BinaryIO
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Lru(Generic[K, V]):
+    """A small count-bounded LRU map (header infos, opened envelopes)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._d: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, k: K) -> V | None:
+        v = self._d.get(k)
+        if v is not None:
+            self._d.move_to_end(k)
+        return v
+
+    def put(self, k: K, v: V) -> None:
+        if self.max_entries <= 0:
+            return
+        self._d[k] = v
+        self._d.move_to_end(k)
+        while len(self._d) > self.max_entries:
+            self._d.popitem(last=False)
+
+    def drop_where(self, pred: object) -> None:
+        assert callable(pred)
+        for k in [k for k in self._d if pred(k)]:
+            del self._d[k]
+
+
+# -- what callers see -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One name in a listing. ``plain_size`` is None for a foreign object (not an envelope by
+    its size: never decrypted); folders (common prefixes) have ``is_dir`` and no size."""
+
+    key: str
+    plain_size: int | None
+    etag: str
+    mtime: float
+    is_dir: bool = False
+    cipher_size: int = 0
+
+    @property
+    def foreign(self) -> bool:
+        return not self.is_dir and self.plain_size is None
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """What one header says about an object, for ``ls -l`` and extended attributes.
+
+    ``readable``: the header opened for our identity (stanza, MAC, signature and binding all
+    verified); when not, ``problem`` says why in one line (no secrets). ``signature`` is the
+    writer's Ed25519 signature status, checkable by anyone.
+    """
+
+    key: str
+    etag: str
+    plain_size: int
+    mtime_ns: int
+    mode: int
+    writer: bytes
+    writer_fingerprint: str
+    key_ids: tuple[bytes, ...]
+    readable: bool
+    signature: Literal["valid", "invalid"]
+    problem: str | None = None
+    not_for_us: bool = False
+
+
+@dataclass
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+
+
+class _OpenState:
+    """An opened, table-loaded envelope of one object version (shared by its EncryptedFiles)."""
+
+    __slots__ = ("cipher_size", "envelope", "etag", "info", "key")
+
+    def __init__(
+        self, key: str, etag: str, cipher_size: int, envelope: OpenedEnvelope, info: HeaderInfo
+    ) -> None:
+        self.key = key
+        self.etag = etag
+        self.cipher_size = cipher_size
+        self.envelope = envelope
+        self.info = info
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf that is not a Cancelled (or the first leaf): nurseries here run a few
+    tasks of one operation, and a caller wants that operation's one error, not a group."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            stack[:0] = list(exc.exceptions)
+        else:
+            leaves.append(exc)
+    for exc in leaves:
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return leaves[0]
+
+
+@asynccontextmanager
+async def _nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery whose failure surfaces as its first real error instead of an ExceptionGroup."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        leaf = _first_error(group)
+        if isinstance(leaf, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise leaf from None
+
+
+# -- the sealing side (worker threads) --------------------------------------------------------
+
+
+def _read_full(src: BinaryIO, buf: memoryview) -> int:
+    """Fill ``buf`` from ``src`` (short reads retried); the count read (< len only at EOF)."""
+    total = 0
+    readinto = getattr(src, "readinto", None)
+    while total < len(buf):
+        if readinto is not None:
+            n = readinto(buf[total:])
+        else:
+            data = src.read(len(buf) - total)
+            n = len(data)
+            buf[total : total + n] = data
+        if not n:
+            break
+        total += n
+    return total
+
+
+class _Sealer:
+    """Reads plaintext from a source and seals it chunk by chunk, a batch per thread hop.
+
+    Only one thread uses it at a time (calls are sequential). ``header``/``table`` are set once
+    the last chunk is sealed. One chunk of look-ahead tells whether a full chunk is the last.
+    """
+
+    def __init__(self, writer: EnvelopeWriter, source: PlainSource) -> None:
+        self._writer = writer
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self._src: BinaryIO = io.BytesIO(source)
+        else:
+            self._src = source
+        self._bufs = (bytearray(CHUNK_SIZE), bytearray(CHUNK_SIZE))
+        self._cur = 0
+        self._cur_len: int | None = None
+        self.done = False
+        self.header = b""
+        self.table = b""
+        self.plain_bytes = 0
+
+    def next_batch(self, max_chunks: int = SEAL_BATCH_CHUNKS) -> bytearray:
+        """Ciphertext of up to ``max_chunks`` further chunks (the last batch sets ``done``)."""
+        if self.done:
+            return bytearray()
+        out = bytearray(max_chunks * CIPHER_CHUNK)
+        view = memoryview(out)
+        pos = 0
+        try:
+            for _ in range(max_chunks):
+                if self._cur_len is None:
+                    self._cur_len = _read_full(self._src, memoryview(self._bufs[self._cur]))
+                n = self._cur_len
+                nxt = self._cur ^ 1
+                next_len = (
+                    _read_full(self._src, memoryview(self._bufs[nxt])) if n == CHUNK_SIZE else 0
+                )
+                last = next_len == 0
+                self._writer.seal_chunk_into(
+                    memoryview(self._bufs[self._cur])[:n], view[pos : pos + n + TAG_SIZE],
+                    last=last,
+                )
+                pos += n + TAG_SIZE
+                self.plain_bytes += n
+                self._cur, self._cur_len = nxt, next_len
+                if last:
+                    self.header, self.table = self._writer.finish()
+                    self.done = True
+                    break
+        finally:
+            view.release()
+        del out[pos:]
+        return out
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+class EncryptedStore:
+    """Files <-> envelope objects over an ObjectStore. See the module docstring for the rules.
+
+    ``recipients`` are added to every envelope written (our identity is always one).
+    ``nursery``: where read-ahead runs; or use ``async with store:`` to give it one.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        identity: Identity,
+        recipients: Sequence[Recipient] = (),
+        *,
+        cache: ChunkCache | None = None,
+        cpu_limiter: trio.CapacityLimiter | None = None,
+        nursery: trio.Nursery | None = None,
+        readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
+        header_cache_entries: int = 1024,
+        open_cache_entries: int = 64,
+        header_concurrency: int = 16,
+    ) -> None:
+        self.store = store
+        self.identity = identity
+        self.recipients = tuple(recipients)
+        self.cache = cache if cache is not None else ChunkCache(0)
+        self.cpu_limiter = cpu_limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1))
+        self.readahead_bytes = readahead_bytes
+        self.header_concurrency = header_concurrency
+        self._nursery = nursery
+        self._headers: _Lru[tuple[str, str], HeaderInfo] = _Lru(header_cache_entries)
+        self._opened: _Lru[tuple[str, str], _OpenState] = _Lru(open_cache_entries)
+        self._in_flight: dict[tuple[str, str, int], _Flight] = {}
+        self._own = identity.recipient
+        self._exit_stack: AsyncExitStack | None = None
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> EncryptedStore:
+        """Give read-ahead a nursery for the duration of the ``async with`` block."""
+        if self._exit_stack is not None:
+            raise RuntimeError("EncryptedStore: already entered")
+        stack = AsyncExitStack()
+        self._nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(self._nursery.cancel_scope.cancel)  # read-ahead is optional: no waiting
+        self._exit_stack = stack
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        stack, self._exit_stack = self._exit_stack, None
+        self._nursery = None
+        if stack is not None:
+            await stack.aclose()
+
+    def binding_for(self, key: str) -> bytes:
+        """The object binding an envelope stored under ``key`` must carry."""
+        return object_binding(self.store.full_key(key))
+
+    def forget(self, key: str) -> None:
+        """Drop everything cached about ``key`` (after another client changed it, say)."""
+        self.cache.invalidate(key)
+        self._headers.drop_where(lambda k: k[0] == key)
+        self._opened.drop_where(lambda k: k[0] == key)
+
+    # -- listing and headers ---------------------------------------------------------------
+
+    async def list(self, prefix: str = "", *, delimiter: str | None = "/") -> list[Entry]:
+        """One LIST: objects with their plaintext size from the object size alone (no GET),
+        foreign objects with ``plain_size=None``, and (with a delimiter) folders."""
+        listing = await self.store.list(prefix, delimiter)
+        entries = [
+            Entry(p, None, "", 0.0, is_dir=True) for p in listing.prefixes
+        ]
+        for obj in listing.objects:
+            entries.append(
+                Entry(obj.key, _plain_size_or_none(obj.size), obj.etag, obj.mtime,
+                      cipher_size=obj.size)
+            )
+        entries.sort(key=lambda e: e.key)
+        return entries
+
+    async def header(self, key: str, etag: str | None = None) -> HeaderInfo:
+        """What the header of ``key`` says, from one ranged GET, cached by (key, etag).
+
+        FormatError if the object is not an envelope. Without ``etag`` a HEAD comes first (the
+        cache key must be the version the bytes came from).
+        """
+        if etag is None:
+            etag = (await self.store.head(key)).etag
+        cached = self._headers.get((key, etag))
+        if cached is not None:
+            return cached
+        data = await self.store.get(key, 0, HEADER_SIZE)
+        try:
+            info = self._header_info(key, etag, data)[0]
+        except FormatError as exc:
+            log.warning("object %s: not a cssfs envelope: %s", key, exc)
+            raise
+        self._headers.put((key, etag), info)
+        return info
+
+    async def headers(
+        self, entries: Iterable[Entry]
+    ) -> dict[str, HeaderInfo | CssfsError]:
+        """Headers of many listed objects (foreign ones and folders skipped), at most
+        ``header_concurrency`` GETs at once; each value is the info or the error it raised."""
+        out: dict[str, HeaderInfo | CssfsError] = {}
+        limiter = trio.CapacityLimiter(self.header_concurrency)
+
+        async def one(entry: Entry) -> None:
+            async with limiter:
+                try:
+                    out[entry.key] = await self.header(entry.key, entry.etag or None)
+                except CssfsError as exc:
+                    out[entry.key] = exc
+
+        async with _nursery() as nursery:
+            for entry in entries:
+                if entry.is_dir or entry.plain_size is None:
+                    continue
+                nursery.start_soon(one, entry)
+        return out
+
+    def _header_info(
+        self, key: str, etag: str, data: bytes
+    ) -> tuple[HeaderInfo, OpenedEnvelope | None]:
+        header = parse_header(data)
+        try:
+            verify_signature(header)
+            signature: Literal["valid", "invalid"] = "valid"
+        except SignatureError:
+            signature = "invalid"
+        opened: OpenedEnvelope | None = None
+        problem: str | None = None
+        not_for_us = False
+        try:
+            opened = open_header(header, self.identity, binding=self.binding_for(key))
+        except NoIdentityMatchError as exc:
+            problem, not_for_us = str(exc), True
+        except (HeaderAuthError, SignatureError) as exc:
+            problem = str(exc)
+        info = HeaderInfo(
+            key=key,
+            etag=etag,
+            plain_size=header.plain_size,
+            mtime_ns=header.mtime_ns,
+            mode=header.mode,
+            writer=header.writer,
+            writer_fingerprint=writer_fingerprint(header.writer, (self._own, *self.recipients)),
+            key_ids=header.key_ids,
+            readable=opened is not None,
+            signature=signature,
+            problem=problem,
+            not_for_us=not_for_us,
+        )
+        return info, opened
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def open(
+        self, key: str, *, etag: str | None = None, cipher_size: int | None = None
+    ) -> EncryptedFile:
+        """Open ``key`` for ranged reads: header and chunk table fetched and verified.
+
+        ``etag``/``cipher_size`` from a listing save the HEAD. NoIdentityMatchError if the file
+        is not shared with us; FormatError, HeaderAuthError, BindingError, SignatureError,
+        PayloadError (TruncatedError, TrailingDataError) if it is damaged or tampered with.
+        """
+        if etag is None or cipher_size is None:
+            obj = await self.store.head(key)
+            etag, cipher_size = obj.etag, obj.size
+        state = self._opened.get((key, etag))
+        if state is None:
+            state = await self._open_state(key, etag, cipher_size)
+            self._opened.put((key, etag), state)
+        return EncryptedFile(self, state)
+
+    async def _open_state(self, key: str, etag: str, cipher_size: int) -> _OpenState:
+        try:
+            size = plain_size(cipher_size)
+            table_off, table_len = table_range(size)
+            parts: dict[str, bytes] = {}
+
+            async def fetch(name: str, start: int, end: int) -> None:
+                parts[name] = await self.store.get(key, start, end)
+
+            async with _nursery() as nursery:
+                nursery.start_soon(fetch, "header", 0, HEADER_SIZE)
+                nursery.start_soon(fetch, "table", table_off, table_off + table_len)
+            header = parse_header(parts["header"])
+            info, _ = self._header_info(key, etag, parts["header"])
+            self._headers.put((key, etag), info)
+            opened = open_header(header, self.identity, binding=self.binding_for(key))
+            check_envelope_size(header.plain_size, cipher_size)
+            opened.load_table(parts["table"])
+        except NoIdentityMatchError:
+            log.debug("object %s: not encrypted for this identity", key)
+            raise
+        except (FormatError, HeaderAuthError, SignatureError, PayloadError) as exc:
+            log.warning("object %s: %s", key, exc)
+            raise
+        return _OpenState(key, etag, cipher_size, opened, info)
+
+    async def _chunks(
+        self, state: _OpenState, indexes: range, *, use_cache: bool = True
+    ) -> dict[int, bytes]:
+        """Plaintext of chunks ``indexes`` of one object version: cache, shared flights, then
+        coalesced ranged GETs for the rest."""
+        out: dict[int, bytes] = {}
+        pending = list(indexes)
+        while pending:
+            mine: builtins.list[int] = []
+            waits: builtins.list[tuple[int, _Flight]] = []
+            for i in pending:
+                ck = (state.key, state.etag, i)
+                if use_cache:
+                    data = self.cache.get(*ck)
+                    if data is not None:
+                        out[i] = data
+                        continue
+                flight = self._in_flight.get(ck)
+                if flight is not None:
+                    waits.append((i, flight))
+                    continue
+                self._in_flight[ck] = _Flight()
+                mine.append(i)
+            if mine:
+                try:
+                    await self._fetch(state, mine, out)
+                finally:
+                    for i in mine:
+                        flight = self._in_flight.pop((state.key, state.etag, i))
+                        flight.data = out.get(i)
+                        flight.done.set()
+            pending = []
+            for i, flight in waits:
+                await flight.done.wait()
+                if flight.data is not None:
+                    out[i] = flight.data
+                else:  # the leader failed or was cancelled: fetch it ourselves
+                    pending.append(i)
+        return out
+
+    async def _fetch(
+        self, state: _OpenState, indexes: builtins.list[int], out: dict[int, bytes]
+    ) -> None:
+        runs: builtins.list[tuple[int, int]] = []
+        for i in sorted(indexes):
+            if runs and runs[-1][1] == i and i - runs[-1][0] < MAX_COALESCE_CHUNKS:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        if len(runs) == 1:
+            await self._fetch_run(state, *runs[0], out)
+            return
+        async with _nursery() as nursery:
+            for first, stop in runs:
+                nursery.start_soon(self._fetch_run, state, first, stop, out)
+
+    async def _fetch_run(
+        self, state: _OpenState, first: int, stop: int, out: dict[int, bytes]
+    ) -> None:
+        """One ranged GET for chunks [first, stop), opened and put in ``out`` and the cache."""
+        size = state.envelope.header.plain_size
+        start = chunk_range(first, size)[0]
+        last_off, last_len = chunk_range(stop - 1, size)
+        end = last_off + last_len
+        data = await self.store.get(state.key, start, end)
+        if len(data) != end - start:
+            err = TruncatedError(f"chunks {first}-{stop - 1}: short read ({len(data)} bytes)")
+            log.warning("object %s: %s", state.key, err)
+            raise err
+        if stop - first <= INLINE_CHUNKS:
+            opened, failure = _open_run(state.envelope, first, stop, data, start)
+        else:
+            opened, failure = await trio.to_thread.run_sync(
+                _open_run, state.envelope, first, stop, data, start, limiter=self.cpu_limiter
+            )
+        for i, plain in opened:
+            out[i] = plain
+            self.cache.put(state.key, state.etag, i, plain)
+        if failure is not None:
+            log.warning("object %s: %s", state.key, failure)
+            raise failure
+
+    def _prefetch(self, state: _OpenState, indexes: range) -> None:
+        if self._nursery is None or not self.cache.enabled or not indexes:
+            return
+        self._nursery.start_soon(self._prefetch_task, state, indexes)
+
+    async def _prefetch_task(self, state: _OpenState, indexes: range) -> None:
+        try:
+            await self._chunks(state, indexes)
+        except Exception as exc:  # read-ahead is a hint: never crash on it
+            log.debug("object %s: read-ahead of chunks %s failed: %s", state.key, indexes, exc)
+
+    async def get_to(self, key: str, dst: BinaryIO, *, progress: object = None) -> int:
+        """Write the whole plaintext of ``key`` to ``dst``; the number of bytes written.
+
+        A few ranged GETs run in parallel (bounded memory); a chunk's plaintext is written only
+        after its table entry and GCM tag verified. Bypasses the chunk cache. ``progress``, if
+        given, has ``update(n)``. On error part of the plaintext may have been written: callers
+        write to a temporary file and remove it on failure.
+        """
+        f = await self.open(key)
+        state = f.state
+        count = state.envelope.chunk_count
+        segments = [
+            range(s, min(s + GET_TO_SEGMENT_CHUNKS, count))
+            for s in range(0, count, GET_TO_SEGMENT_CHUNKS)
+        ]
+        send, recv = trio.open_memory_channel[tuple[range, _Flight]](GET_TO_PARALLEL - 1)
+        update = getattr(progress, "update", None)
+        written = 0
+
+        async def fetch_segment(seg: range, flight: _Flight) -> None:
+            got: dict[int, bytes] = {}
+            await self._fetch_run(state, seg.start, seg.stop, got)
+            flight.data = b"".join(got[i] for i in seg)
+            flight.done.set()
+
+        async def produce(nursery: trio.Nursery) -> None:
+            async with send:
+                for seg in segments:
+                    flight = _Flight()
+                    await send.send((seg, flight))
+                    nursery.start_soon(fetch_segment, seg, flight)
+
+        async with _nursery() as nursery:
+            nursery.start_soon(produce, nursery)
+            async with recv:
+                async for _seg, flight in recv:
+                    await flight.done.wait()
+                    data = flight.data
+                    assert data is not None
+                    flight.data = None
+                    if data:
+                        await trio.to_thread.run_sync(dst.write, data)
+                    written += len(data)
+                    if callable(update):
+                        update(len(data))
+        await trio.to_thread.run_sync(dst.flush)
+        return written
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _writer(self, key: str, mtime_ns: int | None, mode: int) -> EnvelopeWriter:
+        return EnvelopeWriter(
+            self.identity, self.recipients, binding=self.binding_for(key),
+            mtime_ns=time.time_ns() if mtime_ns is None else mtime_ns, mode=mode & 0o7777,
+        )
+
+    async def put(
+        self,
+        key: str,
+        source: PlainSource,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        mtime_ns: int | None = None,
+        mode: int = 0o644,
+        progress: object = None,
+    ) -> ObjectInfo:
+        """Encrypt ``source`` into a new envelope under ``key``, streaming.
+
+        ``source`` is bytes or a readable binary file (seekable or not). Chunks are sealed in
+        worker threads, ``SEAL_BATCH_CHUNKS`` per hop, and fed to the store's multipart upload
+        with the header part uploaded last, so memory stays a few parts whatever the size.
+        ``if_match``/``if_none_match``: the store's conditional put (PreconditionFailedError).
+        """
+        sealer = _Sealer(self._writer(key, mtime_ns, mode), source)
+        update = getattr(progress, "update", None)
+        result = await self._upload(
+            key, sealer, if_match, if_none_match, update if callable(update) else None
+        )
+        self.forget(key)
+        return result
+
+    async def _upload(
+        self,
+        key: str,
+        sealer: _Sealer,
+        if_match: str | None,
+        if_none_match: bool,
+        update: Callable[[int], object] | None,
+    ) -> ObjectInfo:
+        limiter = self.cpu_limiter
+
+        async def rest() -> AsyncIterator[bytes]:
+            while not sealer.done:
+                before = sealer.plain_bytes
+                batch = await trio.to_thread.run_sync(sealer.next_batch, limiter=limiter)
+                if update is not None:
+                    update(sealer.plain_bytes - before)
+                yield bytes(batch)
+            yield sealer.table
+
+        def head() -> bytes:
+            if not sealer.done:
+                raise RuntimeError("encstore: internal error: header asked for before the end")
+            return sealer.header
+
+        return await self.store.put(
+            key, PartSource(HEADER_SIZE, rest(), head),
+            if_match=if_match, if_none_match=if_none_match,
+        )
+
+    async def seal_to_file(
+        self,
+        key: str,
+        source: PlainSource,
+        dst: BinaryIO,
+        *,
+        mtime_ns: int | None = None,
+        mode: int = 0o644,
+    ) -> None:
+        """Encrypt ``source`` into an envelope for ``key`` written to the seekable file ``dst``
+        (the mount's journal: only ciphertext lands on disk), in a worker thread."""
+        src: BinaryIO = (
+            io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        )
+        binding = self.binding_for(key)
+        mtime = time.time_ns() if mtime_ns is None else mtime_ns
+        await trio.to_thread.run_sync(
+            lambda: encrypt_stream(
+                src, dst, self.identity, self.recipients,
+                binding=binding, mtime_ns=mtime, mode=mode & 0o7777,
+            ),
+            limiter=self.cpu_limiter,
+        )
+
+    async def put_envelope_file(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> ObjectInfo:
+        """Upload an envelope file (from seal_to_file or rebind_file) as it is."""
+        with open(path, "rb") as f:  # noqa: ASYNC230 -- the store reads it in worker threads
+            result = await self.store.put(
+                key, f, if_match=if_match, if_none_match=if_none_match
+            )
+        self.forget(key)
+        return result
+
+    def rebind_header(self, header: bytes, new_key: str, *, old_key: str | None = None) -> bytes:
+        """A new header region for the same payload, bound to ``new_key``.
+
+        If ``old_key`` is given the header must currently be bound to it (BindingError).
+        Synchronous and cheap (one X25519 unwrap, one HMAC).
+        """
+        old = None if old_key is None else self.binding_for(old_key)
+        opened = open_header(header, self.identity, binding=old)
+        return opened.reseal(binding=self.binding_for(new_key))
+
+    async def rebind_file(
+        self, path: str | os.PathLike[str], new_key: str, *, old_key: str | None = None
+    ) -> None:
+        """Rewrite the header of a local envelope file in place to bind it to ``new_key``
+        (rename while the upload is still pending)."""
+
+        def work() -> None:
+            with open(path, "r+b") as f:
+                head = f.read(HEADER_SIZE)
+                new = self.rebind_header(head, new_key, old_key=old_key)
+                f.seek(0)
+                f.write(new)
+                f.flush()
+                os.fsync(f.fileno())
+
+        await trio.to_thread.run_sync(work)
+
+    # -- deleting and renaming -------------------------------------------------------------
+
+    async def delete(self, key: str) -> None:
+        """Delete ``key`` (missing is fine) and forget what is cached about it."""
+        await self.store.delete([key])
+        self.forget(key)
+
+    async def rename(self, src: str, dst: str) -> ObjectInfo:
+        """Move ``src`` to ``dst``: a new header bound to ``dst`` over the same payload, then
+        ``src`` is deleted. The header is verified for us first (we must be a recipient).
+
+        A small object is read once and written once; a larger one is copied server-side and
+        its head replaced (on S3 the payload is never downloaded).
+        """
+        if src == dst:
+            return await self.store.head(src)
+        info = await self.store.head(src)
+        if info.size <= self.store.part_size:
+            data = await self.store.get(src)
+            new_head = self._rebind_logged(data[:HEADER_SIZE], src, dst)
+            result = await self.store.put(dst, new_head + data[HEADER_SIZE:])
+        else:
+            copied = await self.store.copy(src, dst)
+            head = await self.store.get(dst, 0, HEADER_SIZE)
+            try:
+                new_head = self._rebind_logged(head, src, dst)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.store.delete([dst])
+                raise
+            result = await self.store.replace_head(
+                dst, new_head, HEADER_SIZE, if_match=copied.etag
+            )
+        await self.store.delete([src])
+        self.forget(src)
+        self.forget(dst)
+        return result
+
+    def _rebind_logged(self, head: bytes, src: str, dst: str) -> bytes:
+        try:
+            return self.rebind_header(head, dst, old_key=src)
+        except (FormatError, HeaderAuthError, SignatureError) as exc:
+            log.warning("object %s: %s", src, exc)
+            raise
+
+
+def _plain_size_or_none(cipher_size: int) -> int | None:
+    try:
+        return plain_size(cipher_size)
+    except FormatError:
+        return None
+
+
+def _open_run(
+    envelope: OpenedEnvelope, first: int, stop: int, data: bytes, base: int
+) -> tuple[list[tuple[int, bytes]], PayloadError | None]:
+    """Open chunks [first, stop) from ``data`` (which starts at envelope offset ``base``).
+
+    Returns the chunks that verified, in order, and the error of the first that did not (the
+    ones before it stay usable: "chunks before i are still readable").
+    """
+    size = envelope.header.plain_size
+    view = memoryview(data)
+    good: list[tuple[int, bytes]] = []
+    for i in range(first, stop):
+        off, length = chunk_range(i, size)
+        try:
+            good.append((i, envelope.open_chunk(i, view[off - base : off - base + length])))
+        except PayloadError as exc:
+            return good, exc
+    return good, None
+
+
+class EncryptedFile:
+    """An opened object version: ``read(offset, size)`` returns verified plaintext.
+
+    Detects sequential reads and asks the store to read ahead (when it has a nursery and a
+    cache). Cheap to create; holds no resources to close.
+    """
+
+    def __init__(self, store: EncryptedStore, state: _OpenState) -> None:
+        self._store = store
+        self.state = state
+        self._next_offset = 0
+        self._sequential = 0
+        self._ahead_until = 0  # chunks below this index were already scheduled for read-ahead
+
+    @property
+    def key(self) -> str:
+        return self.state.key
+
+    @property
+    def etag(self) -> str:
+        return self.state.etag
+
+    @property
+    def size(self) -> int:
+        """Plaintext size in bytes."""
+        return self.state.envelope.header.plain_size
+
+    @property
+    def info(self) -> HeaderInfo:
+        return self.state.info
+
+    @property
+    def header(self) -> Header:
+        return self.state.envelope.header
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Plaintext bytes [offset, offset + size), clipped at end of file."""
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        plain = self.size
+        indexes = chunks_for(offset, size, plain)
+        if not indexes:
+            return b""
+        chunks = await self._store._chunks(self.state, indexes)
+        first = indexes.start * CHUNK_SIZE
+        end = min(offset + size, plain)
+        if len(indexes) == 1 and offset == first and end - first == len(chunks[indexes.start]):
+            result = chunks[indexes.start]  # a whole chunk: no copy
+        else:
+            result = b"".join(chunks[i] for i in indexes)[offset - first : end - first]
+        self._note_read(offset, end, indexes)
+        return result
+
+    def _note_read(self, offset: int, end: int, indexes: range) -> None:
+        if offset == self._next_offset:
+            self._sequential += 1
+        else:
+            self._sequential = 0
+            self._ahead_until = 0
+        self._next_offset = end
+        store = self._store
+        if self._sequential < 1 or store.readahead_bytes <= 0:
+            return
+        window = max(1, min(store.readahead_bytes, store.cache.max_bytes // 4) // CHUNK_SIZE)
+        count = chunk_count(self.size)
+        start = max(indexes.stop, self._ahead_until)
+        # Top up only when less than half the window is left ahead: fewer, larger GETs.
+        if start - indexes.stop > window // 2 or start >= count:
+            return
+        stop = min(indexes.stop + window, count)
+        if stop <= start:
+            return
+        self._ahead_until = stop
+        store._prefetch(self.state, range(start, stop))
