@@ -153,7 +153,7 @@ def check_group_name(name: str) -> str:
 # -- signed line records --------------------------------------------------------------------
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
@@ -162,7 +162,7 @@ def _strict_b64(text: str, size: int, what: str) -> bytes:
         raw = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise FormatError(f"{what}: signature is not valid base64") from None
-    if len(raw) != size or _b64(raw) != text:
+    if len(raw) != size or b64(raw) != text:
         raise FormatError(f"{what}: signature is not {size} bytes of canonical base64")
     return raw
 
@@ -301,7 +301,7 @@ class Policy:
         return (POLICY_MAGIC + "\n").encode() + encode_lines(lines)
 
     def to_bytes(self) -> bytes:
-        return self.body() + f"signature {_b64(self.signature)}\n".encode()
+        return self.body() + f"signature {b64(self.signature)}\n".encode()
 
     def verify(self) -> None:
         """SignatureError unless the setter signed exactly this policy."""

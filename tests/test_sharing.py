@@ -1,0 +1,335 @@
+"""sharing: policies in the bucket, share (header only), unshare (rekey), access, resumability."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+
+import pytest
+import trio
+
+from cssfs.envelope import (
+    HEADER_SIZE,
+    decrypt_stream,
+    encrypt_stream,
+    object_binding,
+    open_header,
+    parse_header,
+)
+from cssfs.errors import ConfigError, NoIdentityMatchError
+from cssfs.keys import Identity, Recipient
+from cssfs.policy import Trust, make_policy, parse_policy, policy_key
+from cssfs.sharing import ShareProgress, Sharing, signature_status
+from cssfs.store.base import ObjectStore
+from cssfs.store.memory import MemoryStore
+
+ALICE = Identity.generate()
+BOB = Identity.generate()
+CAROL = Identity.generate()
+DAVE = Identity.generate()
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Contact:
+    def __init__(self, name: str, recipient: Recipient) -> None:
+        self.name = name
+        self.recipient = recipient
+
+
+def trust_of(me: Identity, *others: tuple[str, Identity]) -> Trust:
+    return Trust.of(me.recipient, [Contact(n, i.recipient) for n, i in others])
+
+
+ALICE_TRUST = trust_of(ALICE, ("bob", BOB), ("carol", CAROL), ("dave", DAVE))
+BOB_TRUST = trust_of(BOB, ("alice", ALICE))
+
+
+async def put_file(store: ObjectStore, key: str, data: bytes, writer: Identity = ALICE,
+                   recipients: tuple[Recipient, ...] = ()) -> None:
+    out = io.BytesIO()
+    await trio.to_thread.run_sync(
+        lambda: encrypt_stream(io.BytesIO(data), out, writer, recipients,
+                               binding=object_binding(store.full_key(key)), mtime_ns=123,
+                               mode=0o640)
+    )
+    await store.put(key, out.getvalue())
+
+
+async def read_file(store: ObjectStore, key: str, identity: Identity) -> bytes:
+    data = await store.get(key)
+    out = io.BytesIO()
+    decrypt_stream(io.BytesIO(data), out, identity, binding=object_binding(store.full_key(key)))
+    return out.getvalue()
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore("root")
+
+
+async def test_no_policy_uses_defaults(store: MemoryStore) -> None:
+    s = Sharing(store, ALICE, ALICE_TRUST, default_recipients=[DAVE.recipient])
+    assert await s.resolve_recipients("a/b/c.txt") == [DAVE.recipient]
+
+
+async def test_policy_inherited_nearest_wins(store: MemoryStore) -> None:
+    await store.put(policy_key(""), make_policy(ALICE, "root", 1, [BOB.recipient]).to_bytes())
+    await store.put(policy_key("a/b"),
+                    make_policy(ALICE, "root/a/b", 1, [CAROL.recipient]).to_bytes())
+    s = Sharing(store, ALICE, ALICE_TRUST)
+    assert await s.resolve_recipients("x.txt") == [BOB.recipient]
+    assert await s.resolve_recipients("a/x.txt") == [BOB.recipient]
+    assert await s.resolve_recipients("a/b/x.txt") == [CAROL.recipient]
+    assert await s.resolve_recipients("a/b/c/d/x.txt") == [CAROL.recipient]
+
+
+async def test_untrusted_or_tampered_policy_not_followed(store: MemoryStore, caplog) -> None:
+    await store.put(policy_key(""), make_policy(ALICE, "root", 1, [BOB.recipient]).to_bytes())
+    # Carol (not Bob's contact) sets a policy for "a": Bob falls back to the root policy.
+    await store.put(policy_key("a"), make_policy(CAROL, "root/a", 1, [CAROL.recipient]).to_bytes())
+    bob = Sharing(store, BOB, BOB_TRUST)
+    with caplog.at_level(logging.WARNING, logger="cssfs.sharing"):
+        assert await bob.resolve_recipients("a/x") == [BOB.recipient]
+    assert "root/a/.cssfs-policy" in caplog.text or "a/.cssfs-policy" in caplog.text
+    assert "not you or one of your contacts" in caplog.text
+    # Tamper with the root policy: nothing followed, defaults apply.
+    data = await store.get(policy_key(""))
+    forged = data.replace(b"version 1", b"version 2")
+    await store.put(policy_key(""), forged)
+    bob = Sharing(store, BOB, BOB_TRUST, default_recipients=[ALICE.recipient])
+    with caplog.at_level(logging.WARNING, logger="cssfs.sharing"):
+        assert await bob.resolve_recipients("a/x") == [ALICE.recipient]
+    assert "signature does not verify" in caplog.text
+
+
+async def test_policy_from_another_folder_not_followed(store: MemoryStore, caplog) -> None:
+    data = make_policy(ALICE, "root/public", 1, [CAROL.recipient]).to_bytes()
+    await store.put(policy_key("private"), data)
+    s = Sharing(store, ALICE, ALICE_TRUST)
+    with caplog.at_level(logging.WARNING, logger="cssfs.sharing"):
+        assert await s.resolve_recipients("private/x") == []
+    assert "another folder" in caplog.text
+
+
+async def test_policy_rollback_not_followed(store: MemoryStore, caplog) -> None:
+    v1 = make_policy(ALICE, "root/d", 1, [BOB.recipient]).to_bytes()
+    v2 = make_policy(ALICE, "root/d", 2, [CAROL.recipient]).to_bytes()
+    await store.put(policy_key("d"), v2)
+    s = Sharing(store, ALICE, ALICE_TRUST, ttl=0.0)
+    assert await s.resolve_recipients("d/x") == [CAROL.recipient]
+    await store.put(policy_key("d"), v1)  # the bucket serves an old, validly signed policy
+    with caplog.at_level(logging.WARNING, logger="cssfs.sharing"):
+        assert await s.resolve_recipients("d/x") == []
+    assert "older than version 2" in caplog.text
+
+
+async def test_share_reseals_headers_only_and_is_idempotent(store: MemoryStore) -> None:
+    big = bytes(range(256)) * 4096 * 3  # 3 MiB
+    await put_file(store, "docs/big.bin", big)
+    await put_file(store, "docs/sub/small.txt", b"hello")
+    await put_file(store, "other/x.txt", b"not shared")
+    before = {k: await store.get(k) for k in ("docs/big.bin", "docs/sub/small.txt")}
+    s = Sharing(store, ALICE, ALICE_TRUST)
+    seen: list[ShareProgress] = []
+    report = await s.share("docs", [BOB.recipient], progress=seen.append)
+    assert sorted(report.changed) == ["docs/big.bin", "docs/sub/small.txt"]
+    assert report.complete
+    assert seen[-1].files_done == seen[-1].files_total == 2
+    for key, old in before.items():
+        new = await store.get(key)
+        assert new[HEADER_SIZE:] == old[HEADER_SIZE:]  # payload untouched
+        assert new[:HEADER_SIZE] != old[:HEADER_SIZE]
+        # The writer stays Alice, the signature still verifies.
+        assert parse_header(new[:HEADER_SIZE]).writer == ALICE.recipient.ed25519
+    assert await read_file(store, "docs/big.bin", BOB) == big
+    assert await read_file(store, "docs/sub/small.txt", BOB) == b"hello"
+    with pytest.raises(NoIdentityMatchError):
+        await read_file(store, "other/x.txt", BOB)
+    # The folder's policy now names Alice and Bob; new files there are for Bob too.
+    policy = parse_policy(await store.get(policy_key("docs")))
+    assert {r.key_id for r in policy.recipients} == {ALICE.recipient.key_id, BOB.recipient.key_id}
+    assert BOB.recipient in await s.resolve_recipients("docs/new.txt")
+    # Again: nothing to do.
+    again = await s.share("docs", [BOB.recipient])
+    assert again.changed == [] and sorted(again.already) == sorted(before)
+    assert again.policies == []
+
+
+async def test_share_resumes_after_interruption(store: MemoryStore) -> None:
+    for i in range(6):
+        await put_file(store, f"d/f{i}", b"x" * i)
+    s = Sharing(store, ALICE, ALICE_TRUST)
+
+    calls = [0]
+    real = store.replace_head
+
+    async def flaky(*args, **kwargs):
+        calls[0] += 1
+        result = await real(*args, **kwargs)
+        if calls[0] >= 3:
+            raise Interrupted  # the run stops half-way, after this header was written
+        return result
+
+    store.replace_head = flaky  # type: ignore[method-assign]
+    with pytest.raises(BaseExceptionGroup):
+        await s.share("d", [BOB.recipient])
+    store.replace_head = real  # type: ignore[method-assign]
+    report = await s.share("d", [BOB.recipient])
+    assert len(report.already) >= 1 and len(report.changed) + len(report.already) == 6
+    for i in range(6):
+        assert await read_file(store, f"d/f{i}", BOB) == b"x" * i
+
+
+async def test_share_skips_files_we_cannot_open(store: MemoryStore) -> None:
+    await put_file(store, "d/carols", b"secret", writer=CAROL)
+    await put_file(store, "d/mine", b"mine")
+    report = await Sharing(store, ALICE, ALICE_TRUST).share("d", [BOB.recipient])
+    assert report.not_readable == ["d/carols"]
+    assert report.changed == ["d/mine"]
+
+
+async def test_share_concurrent_change_is_not_overwritten(store: MemoryStore) -> None:
+    await put_file(store, "d/f", b"v1")
+    s = Sharing(store, ALICE, ALICE_TRUST)
+    real_get = store.get
+    changed = [False]
+
+    async def get_then_change(key, start=0, end=None):
+        data = await real_get(key, start, end)
+        if key == "d/f" and end == HEADER_SIZE and not changed[0]:
+            changed[0] = True
+            await put_file(store, "d/f", b"v2 by someone else")
+        return data
+
+    store.get = get_then_change  # type: ignore[method-assign]
+    report = await s.share("d", [BOB.recipient])
+    store.get = real_get  # type: ignore[method-assign]
+    assert report.changed == ["d/f"]
+    assert await read_file(store, "d/f", BOB) == b"v2 by someone else"
+
+
+async def test_unshare_rekeys(store: MemoryStore) -> None:
+    data = bytes(range(256)) * 1000  # 250 KiB: several chunks
+    await put_file(store, "d/a", data, recipients=(BOB.recipient, CAROL.recipient))
+    await put_file(store, "d/b", b"b", recipients=(CAROL.recipient,))
+    s = Sharing(store, ALICE, ALICE_TRUST)
+    await s.share("d", [BOB.recipient, CAROL.recipient])
+    old_key = open_header((await store.get("d/a"))[:HEADER_SIZE], ALICE).file_key
+    report = await s.unshare("d", [BOB.recipient])
+    assert sorted(report.changed) == ["d/a", "d/b"]  # the share gave d/b a stanza for Bob too
+    assert report.complete
+    for key in ("d/a",):
+        head = parse_header((await store.get(key))[:HEADER_SIZE])
+        assert BOB.recipient.key_id not in head.key_ids
+        assert CAROL.recipient.key_id in head.key_ids
+        assert head.writer == ALICE.recipient.ed25519
+        assert (head.mtime_ns, head.mode) == (123, 0o640)
+    assert open_header((await store.get("d/a"))[:HEADER_SIZE], ALICE).file_key != old_key
+    assert await read_file(store, "d/a", ALICE) == data
+    assert await read_file(store, "d/a", CAROL) == data
+    with pytest.raises(NoIdentityMatchError):
+        await read_file(store, "d/a", BOB)
+    assert BOB.recipient not in await s.resolve_recipients("d/new")
+    again = await s.unshare("d", [BOB.recipient])
+    assert again.changed == []
+
+
+async def test_unshare_all_files_shared_by_share(store: MemoryStore) -> None:
+    for i in range(3):
+        await put_file(store, f"d/{i}", b"z" * (70000 * i))
+    s = Sharing(store, ALICE, ALICE_TRUST)
+    await s.share("d", [BOB.recipient])
+    report = await s.unshare("d", [BOB.recipient])
+    assert sorted(report.changed) == ["d/0", "d/1", "d/2"]
+    for i in range(3):
+        assert await read_file(store, f"d/{i}", ALICE) == b"z" * (70000 * i)
+        with pytest.raises(NoIdentityMatchError):
+            await read_file(store, f"d/{i}", BOB)
+
+
+async def test_unshare_resumes(store: MemoryStore) -> None:
+    for i in range(5):
+        await put_file(store, f"d/{i}", b"q" * 1000, recipients=(BOB.recipient,))
+    s = Sharing(store, ALICE, ALICE_TRUST)
+    real = store.put
+    puts = [0]
+
+    async def flaky(key, body, **kw):
+        result = await real(key, body, **kw)
+        if key.startswith("d/") and not key.endswith("policy"):
+            puts[0] += 1
+            if puts[0] >= 2:
+                raise Interrupted  # after this file was rekeyed
+        return result
+
+    store.put = flaky  # type: ignore[method-assign]
+    with pytest.raises(BaseExceptionGroup):
+        await s.unshare("d", [BOB.recipient])
+    store.put = real  # type: ignore[method-assign]
+    report = await s.unshare("d", [BOB.recipient])
+    assert len(report.already) >= 1
+    for i in range(5):
+        with pytest.raises(NoIdentityMatchError):
+            await read_file(store, f"d/{i}", BOB)
+
+
+async def test_unshare_unknown_recipient_is_reported(store: MemoryStore, caplog) -> None:
+    stranger = Identity.generate()
+    await put_file(store, "d/f", b"f", recipients=(BOB.recipient, stranger.recipient))
+    s = Sharing(store, ALICE, ALICE_TRUST)
+    with caplog.at_level(logging.WARNING, logger="cssfs.sharing"):
+        report = await s.unshare("d", [BOB.recipient])
+    assert report.dropped == {"d/f": [stranger.recipient.key_id.hex()]}
+    assert "unknown keys lost access" in caplog.text
+
+
+async def test_cannot_unshare_yourself(store: MemoryStore) -> None:
+    with pytest.raises(ConfigError):
+        await Sharing(store, ALICE, ALICE_TRUST).unshare("d", [ALICE.recipient])
+
+
+async def test_share_updates_sub_folder_policies(store: MemoryStore) -> None:
+    s = Sharing(store, ALICE, ALICE_TRUST)
+    await s.share("d/sub", [CAROL.recipient])
+    await s.share("d", [BOB.recipient])
+    sub = parse_policy(await store.get(policy_key("d/sub")))
+    assert {r.key_id for r in sub.recipients} >= {BOB.recipient.key_id, CAROL.recipient.key_id}
+    await s.unshare("d", [BOB.recipient])
+    sub = parse_policy(await store.get(policy_key("d/sub")))
+    assert BOB.recipient.key_id not in {r.key_id for r in sub.recipients}
+    assert CAROL.recipient in await s.resolve_recipients("d/sub/x")
+
+
+async def test_access_names_readers(store: MemoryStore) -> None:
+    stranger = Identity.generate()
+    await put_file(store, "d/a", b"a", recipients=(stranger.recipient,))
+    await put_file(store, "d/b", b"b", writer=stranger, recipients=(ALICE.recipient,))
+    await store.put("d/junk", b"not an envelope")
+    s = Sharing(store, ALICE, ALICE_TRUST)
+    await s.share("d", [BOB.recipient])
+    report = await s.access("d")
+    assert report.applies is not None and report.applies.followed
+    assert {r.name for r in report.readers} == {"me", "bob"}
+    files = {f.key: f for f in report.files}
+    a = files["d/a"]
+    assert a.writer == "me" and a.signature == "valid" and a.readable
+    names = {r.name for r in a.readers}
+    assert {"me", "bob", None} == names
+    assert any(r.label().startswith("unknown (key id ") for r in a.readers)
+    b = files["d/b"]
+    assert b.signature == "unknown writer" and b.writer is not None
+    assert b.writer.startswith("ed25519:")
+    assert files["d/junk"].signature == "not an envelope"
+
+
+async def test_signature_status(store: MemoryStore) -> None:
+    await put_file(store, "f", b"x", writer=BOB)
+    header = parse_header((await store.get("f"))[:HEADER_SIZE])
+    assert signature_status(header, ALICE_TRUST) == "valid"
+    assert signature_status(header, trust_of(ALICE)) == "unknown writer"
+    forged = dataclasses.replace(header, signature=bytes(64))
+    assert signature_status(forged, ALICE_TRUST) == "invalid"
