@@ -2,9 +2,10 @@
 
 What it knows: the global options, how every error becomes one line on stderr and an exit code
 (``ExitCode``, the stable contract in docs/CLI.md), and which ``cmd_*`` modules hold the
-commands. What it must not know: how any command works. Each ``cssfs.cmd_*`` module exposes
+commands. What it must not know: how any command works. Each ``cssfs/cmd_*.py`` module (all
+are found by name; COMMAND_MODULES fixes the order of the known ones) exposes
 ``register(subparsers)``, adds its subcommands and sets ``func`` (``(args) -> int | None``) on
-them.
+them. A handler raises CliError (or any CssfsError/OSError) to fail; it never prints errors.
 
 Importing this module loads no command, no trio and no pyfuse3: commands are imported when the
 parser is built, and cmd_store / cmd_mount, which may be missing, must import trio, pyfuse3 and
@@ -22,6 +23,7 @@ import contextlib
 import importlib
 import logging
 import os
+import pkgutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from enum import IntEnum
@@ -203,7 +205,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _command_modules() -> Iterator[ModuleType]:
-    for name in COMMAND_MODULES:
+    # The known modules in their order, then any other cssfs/cmd_*.py (a new command group
+    # needs no edit here). Listing the package directory imports nothing.
+    import cssfs
+
+    extra = sorted(
+        info.name for info in pkgutil.iter_modules(cssfs.__path__)
+        if info.name.startswith("cmd_") and info.name not in COMMAND_MODULES
+    )
+    for name in (*COMMAND_MODULES, *extra):
         qualified = f"cssfs.{name}"
         try:
             yield importlib.import_module(qualified)

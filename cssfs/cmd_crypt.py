@@ -20,14 +20,14 @@ import io
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from cssfs import config, envelope
 from cssfs.cli import CliError, ExitCode, about, load_identity
 from cssfs.errors import CssfsError, FormatError, NoIdentityMatchError, SignatureError
-from cssfs.keys import Identity, writer_fingerprint
+from cssfs.keys import Identity, Recipient, writer_fingerprint
 
 if TYPE_CHECKING:
     from cssfs.cli import Subparsers
@@ -158,6 +158,55 @@ def _optional_identity(args: argparse.Namespace) -> Identity | None:
     return load_identity(args)
 
 
+def _check(check: Callable[[], None]) -> CssfsError | None:
+    try:
+        check()
+    except CssfsError as exc:
+        return exc
+    return None
+
+
+def _decryptable(header: envelope.Header, identity: Identity | None
+                 ) -> tuple[str, CssfsError | None]:
+    """What ``inspect`` says about opening the header, and the failure to report, if any."""
+    if identity is None:
+        return "unknown (no identity)", None
+    try:
+        envelope.open_header(header, identity)
+    except NoIdentityMatchError:
+        return "no (not encrypted for you)", None  # a fact, not a failure
+    except SignatureError:
+        return "no (the writer's signature does not verify)", None  # the signature check reports it
+    except CssfsError as exc:
+        return f"no ({exc})", exc
+    return "yes", None
+
+
+def _recipient_names(header: envelope.Header, me: Recipient | None, book: config.Contacts
+                     ) -> str:
+    names = []
+    unknown = 0
+    for key_id in header.key_ids:
+        if me is not None and key_id == me.key_id:
+            names.append("you")
+        elif (name := book.name_for_key_id(key_id)) is not None:
+            names.append(name)
+        else:
+            unknown += 1
+    if unknown:
+        names.append(f"{unknown} unknown")
+    return f"{len(header.stanzas)}: {', '.join(names)}"
+
+
+def _writer(header: envelope.Header, me: Recipient | None, book: config.Contacts) -> str:
+    known = [c.recipient for c in book] + ([me] if me is not None else [])
+    fingerprint = writer_fingerprint(header.writer, known)
+    if me is not None and header.writer == me.ed25519:
+        return f"{fingerprint} (you)"
+    name = book.name_for_signing_key(header.writer)
+    return f"{fingerprint} ({name})" if name is not None else f"{fingerprint} (not a contact)"
+
+
 def _inspect(args: argparse.Namespace) -> None:
     path = args.file
     with open(path, "rb") as f:
@@ -171,71 +220,27 @@ def _inspect(args: argparse.Namespace) -> None:
         raise about(path, exc) from None
 
     identity = _optional_identity(args)
-    book = config.Contacts.load()
     me = identity.recipient if identity is not None else None
-    problems: list[CssfsError] = []
+    book = config.Contacts.load()
 
-    try:
-        envelope.check_envelope_size(header.plain_size, object_size)
-        size_note = ""
-    except CssfsError as exc:
-        problems.append(exc)
-        size_note = f" (does not match the header: {exc})"
+    # The checks decrypt makes, in its order; the first failure sets the exit status.
+    decryptable, auth_problem = _decryptable(header, identity)
+    signature_problem = _check(lambda: envelope.verify_signature(header))
+    size_problem = _check(lambda: envelope.check_envelope_size(header.plain_size, object_size))
 
-    names = []
-    unknown = 0
-    for key_id in header.key_ids:
-        if me is not None and key_id == me.key_id:
-            names.append("you")
-        elif (name := book.name_for_key_id(key_id)) is not None:
-            names.append(name)
-        else:
-            unknown += 1
-    if unknown:
-        names.append(f"{unknown} unknown")
-
-    known = [c.recipient for c in book] + ([me] if me is not None else [])
-    writer = writer_fingerprint(header.writer, known)
-    if me is not None and header.writer == me.ed25519:
-        writer += " (you)"
-    elif (name := book.name_for_signing_key(header.writer)) is not None:
-        writer += f" ({name})"
-    else:
-        writer += " (not a contact)"
-
-    try:
-        envelope.verify_signature(header)
-        signature = "valid"
-    except CssfsError as exc:
-        problems.append(exc)
-        signature = "INVALID"
-
-    if identity is None:
-        decryptable = "unknown (no identity)"
-    else:
-        try:
-            envelope.open_header(header, identity)
-            decryptable = "yes"
-        except NoIdentityMatchError:
-            decryptable = "no (not encrypted for you)"
-        except SignatureError:  # already reported above
-            decryptable = "no (the writer's signature does not verify)"
-        except CssfsError as exc:
-            problems.append(exc)
-            decryptable = f"no ({exc})"
-
+    size_note = f" (does not match the header: {size_problem})" if size_problem else ""
     rows = [
         ("format", f"cssfs envelope v{header.version}, {header.chunk_size // 1024} KiB chunks"),
         ("size", f"{header.plain_size} bytes{size_note}"),
         ("envelope", f"{object_size} bytes"),
-        ("recipients", f"{len(header.stanzas)}: {', '.join(names)}"),
-        ("writer", writer),
-        ("signature", signature),
+        ("recipients", _recipient_names(header, me, book)),
+        ("writer", _writer(header, me, book)),
+        ("signature", "INVALID" if signature_problem else "valid"),
         ("decryptable", decryptable),
     ]
     width = max(len(key) for key, _ in rows) + 1
     for key, value in rows:
         print(f"{key + ':':<{width}} {value}")
-    if problems:
-        raise about(path, problems[0])
-
+    for problem in (auth_problem, signature_problem, size_problem):
+        if problem is not None:
+            raise about(path, problem)

@@ -183,8 +183,11 @@ def test_keygen_passphrase_from_environment(
 
 
 def test_passphrase_is_never_an_argument(run: Run, env: Path) -> None:
-    result = run("keygen", "--passphrase", "x")
-    assert result.code == ExitCode.USAGE
+    # Nor may an abbreviation stand for --passphrase-file.
+    assert run("keygen", "--passphrase", "x").code == ExitCode.USAGE
+    assert run("--passphrase", "x", "keygen").code == ExitCode.USAGE
+    assert run("keygen", "--no-pass").code == ExitCode.USAGE
+    assert not (env.parent / "home" / ".config" / "cssfs" / "identity").exists()
 
 
 def test_export_import_pem_round_trip(run: Run, env: Path) -> None:
@@ -470,6 +473,11 @@ def test_inspect_reports_and_fails_on_tampering(
     env.joinpath("mtime.enc").write_bytes(_flip(data, 16))
     result = fails(run("inspect", "mtime.enc"), ExitCode.HEADER_AUTH, "mtime.enc")
     assert _fields(result.out)["decryptable"].startswith("no (")
+
+    # Several problems: the first check decrypt would make decides the exit status.
+    env.joinpath("both.enc").write_bytes(_flip(data, 16)[:-1])
+    result = fails(run("inspect", "both.enc"), ExitCode.HEADER_AUTH, "both.enc")
+    assert "does not match" in _fields(result.out)["size"]
 
     env.joinpath("junk").write_bytes(CANARY * 200)
     result = fails(run("inspect", "junk"), ExitCode.BAD_INPUT, "junk", "not a cssfs envelope")
