@@ -54,6 +54,11 @@ def sha256(data: Buffer) -> bytes:
     return h.finalize()
 
 
+def sha256_hasher() -> hashes.Hash:
+    """An incremental SHA-256 (update(), finalize())."""
+    return hashes.Hash(hashes.SHA256())
+
+
 def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
     """HKDF-SHA256 (RFC 5869) of ``ikm`` with ``salt`` and ``info``, ``length`` bytes."""
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)

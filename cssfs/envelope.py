@@ -37,6 +37,7 @@ from cssfs.crypto import (
     hmac_sha256,
     hmac_sha256_verify,
     sha256,
+    sha256_hasher,
     wrap_file_key,
 )
 from cssfs.crypto import TAG_SIZE as TAG_SIZE
@@ -478,7 +479,12 @@ class OpenedEnvelope:
 
     def open_chunk_into(self, index: int, ciphertext: Buffer, out: bytearray | memoryview) -> int:
         """Like open_chunk, writing into ``out`` (exactly the chunk's plaintext length)."""
-        expected = self.chunk_hash(index)
+        return self._open_checked_into(index, ciphertext, out, self.chunk_hash(index))
+
+    def _open_checked_into(
+        self, index: int, ciphertext: Buffer, out: bytearray | memoryview, expected: Buffer
+    ) -> int:
+        # The table entry comes from the caller: decrypt_stream reads the table in windows.
         self._check_length(index, ciphertext)
         if sha256(ciphertext) != expected:
             raise ChunkAuthError(index, "does not match the chunk table")
@@ -490,7 +496,8 @@ class OpenedEnvelope:
         self, index: int, ciphertext: Buffer, out: bytearray | memoryview
     ) -> int:
         # GCM only: for a streaming decrypt that meets the table after the payload; the caller
-        # must compare sha256(ciphertext) with the table at the end.
+        # must check sha256(ciphertext) against the table at the end.
+        self._check_length(index, ciphertext)
         return self._cipher.open_into(
             index, ciphertext, out, last=index == self.chunk_count - 1
         )
@@ -581,6 +588,8 @@ def _read_full(src: BinaryIO, view: memoryview) -> int:
     while total < len(view):
         if readinto is not None:
             n = readinto(view[total:])
+            if n is None:  # a non-blocking source with nothing ready: not EOF
+                raise BlockingIOError("cssfs needs a blocking input stream")
         else:
             data = src.read(len(view) - total)
             n = len(data)
@@ -651,6 +660,10 @@ def encrypt_stream(
     dst.flush()
 
 
+# Chunk-table entries read at a time by decrypt_stream (64 KiB of table per 128 MiB of data).
+TABLE_WINDOW = 2048
+
+
 def _read_exact(src: BinaryIO, length: int) -> bytearray:
     buf = bytearray(length)
     if _read_full(src, memoryview(buf)) != length:
@@ -658,10 +671,24 @@ def _read_exact(src: BinaryIO, length: int) -> bytearray:
     return buf
 
 
+def _hash_region(src: BinaryIO, length: int) -> bytes:
+    """SHA-256 of the next ``length`` bytes of ``src``, read in bounded pieces."""
+    hasher = sha256_hasher()
+    buf = bytearray(min(length, TABLE_WINDOW * HASH_SIZE))
+    left = length
+    while left:
+        view = memoryview(buf)[: min(left, len(buf))]
+        if _read_full(src, view) != len(view):
+            raise TruncatedError("envelope is truncated in the chunk table")
+        hasher.update(view)
+        left -= len(view)
+    return hasher.finalize()
+
+
 def decrypt_stream(
     src: BinaryIO, dst: BinaryIO, identity: Identity, *, binding: bytes | None = None
 ) -> None:
-    """Decrypt one envelope from ``src`` to ``dst``, in bounded memory.
+    """Decrypt one envelope from ``src`` to ``dst``, in bounded memory whatever its size.
 
     No chunk's plaintext is written before its GCM tag verifies. On a seekable ``src`` the
     size and the chunk table are checked first, so every chunk is also checked against the
@@ -677,38 +704,71 @@ def decrypt_stream(
     if got != HEADER_SIZE:
         raise FormatError(f"too short to be a cssfs envelope ({got} bytes)")
     opened = open_header(bytes(header_bytes), identity, binding=binding)
-    size = opened.header.plain_size
-    count = opened.chunk_count
+    if seekable:
+        _decrypt_seekable(src, dst, opened, start)
+    else:
+        _decrypt_sequential(src, dst, opened)
+    dst.flush()
+
+
+def _read_chunk(src: BinaryIO, buf: bytearray, index: int, size: int) -> memoryview:
+    _, ct_len = chunk_range(index, size)
+    ct = memoryview(buf)[:ct_len]
+    if _read_full(src, ct) != ct_len:
+        raise TruncatedError(f"envelope is truncated in chunk {index}")
+    return ct
+
+
+def _decrypt_seekable(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope, start: int) -> None:
+    header = opened.header
+    size, count = header.plain_size, opened.chunk_count
     table_offset, table_length = table_range(size)
+    end = src.seek(0, io.SEEK_END)
+    check_envelope_size(size, end - start)
+    # Pass 1: the table must match the signed hash before anything is released.
+    src.seek(start + table_offset)
+    if _hash_region(src, table_length) != header.table_hash:
+        raise PayloadError("chunk table does not match the writer's signature")
+    # Pass 2: chunks, each checked against its table entry; the table is read a window at a
+    # time (memory stays flat) and hashed again, in case the file changed between passes.
     ct_buf = bytearray(CHUNK_SIZE + TAG_SIZE)
     pt_buf = bytearray(CHUNK_SIZE)
+    recheck = sha256_hasher()
+    for base in range(0, count, TABLE_WINDOW):
+        n = min(TABLE_WINDOW, count - base)
+        src.seek(start + table_offset + HASH_SIZE * base)
+        window = _read_exact(src, HASH_SIZE * n)
+        recheck.update(window)
+        src.seek(start + chunk_range(base, size)[0])
+        for index in range(base, base + n):
+            ct = _read_chunk(src, ct_buf, index, size)
+            pt = memoryview(pt_buf)[: len(ct) - TAG_SIZE]
+            k = HASH_SIZE * (index - base)
+            opened._open_checked_into(index, ct, pt, memoryview(window)[k : k + HASH_SIZE])
+            dst.write(pt)
+    if recheck.finalize() != header.table_hash:
+        raise PayloadError("the envelope changed while it was being read")
 
-    if seekable:
-        end = src.seek(0, io.SEEK_END)
-        check_envelope_size(size, end - start)
-        src.seek(start + table_offset)
-        opened.load_table(bytes(_read_exact(src, table_length)))
-        src.seek(start + HEADER_SIZE)
 
-    hashes: list[bytes] = []
+def _decrypt_sequential(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope) -> None:
+    header = opened.header
+    size, count = header.plain_size, opened.chunk_count
+    _, table_length = table_range(size)
+    ct_buf = bytearray(CHUNK_SIZE + TAG_SIZE)
+    pt_buf = bytearray(CHUNK_SIZE)
+    # SHA-256 over the hashes of the chunks as read: equals the table hash iff they are the
+    # chunks the writer listed -- no need to keep the hashes themselves.
+    payload_digest = sha256_hasher()
     for index in range(count):
-        _, ct_len = chunk_range(index, size)
-        ct = memoryview(ct_buf)[:ct_len]
-        if _read_full(src, ct) != ct_len:
-            raise TruncatedError(f"envelope is truncated in chunk {index}")
-        pt = memoryview(pt_buf)[: ct_len - TAG_SIZE]
-        if seekable:
-            opened.open_chunk_into(index, ct, pt)
-        else:
-            hashes.append(sha256(ct))
-            opened._open_unlisted_into(index, ct, pt)
+        ct = _read_chunk(src, ct_buf, index, size)
+        pt = memoryview(pt_buf)[: len(ct) - TAG_SIZE]
+        payload_digest.update(sha256(ct))
+        opened._open_unlisted_into(index, ct, pt)
         dst.write(pt)
-
-    if not seekable:
-        table = bytes(_read_exact(src, table_length))
-        if src.read(1):
-            raise TrailingDataError("trailing data after the envelope")
-        opened.load_table(table)
-        if b"".join(hashes) != table:
-            raise PayloadError("payload does not match the writer's signature")
-    dst.flush()
+    table_digest = _hash_region(src, table_length)
+    if src.read(1):
+        raise TrailingDataError("trailing data after the envelope")
+    if table_digest != header.table_hash:
+        raise PayloadError("chunk table does not match the writer's signature")
+    if payload_digest.finalize() != header.table_hash:
+        raise PayloadError("payload does not match the writer's signature")

@@ -761,3 +761,32 @@ def test_memory_stays_flat(spool: bool) -> None:
         # A few chunks, plus the table (32 bytes per 64 KiB chunk).
         assert peak_enc < 1024 * 1024, peak_enc
         assert peak_dec < 1024 * 1024, peak_dec
+
+
+def test_seekable_decrypt_reads_the_table_in_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(env, "TABLE_WINDOW", 2)
+    size = 4 * CS + 7  # five chunks: windows [0, 1], [2, 3], [4]
+    pt = plaintext(size, 5)
+    data = seal(pt)
+    assert decrypt(data) == pt
+    off, _ = chunk_range(3, size)
+    sink = Sink()
+    with pytest.raises(ChunkAuthError) as info:
+        decrypt_stream(io.BytesIO(flipped(data, off + 5)), sink, ALICE)
+    assert info.value.index == 3 and bytes(sink.data) == pt[: 3 * CS]
+    toff, tlen = table_range(size)
+    sink = Sink()
+    with pytest.raises(PayloadError, match="table"):
+        decrypt_stream(io.BytesIO(flipped(data, toff + tlen - 1)), sink, ALICE)
+    assert sink.data == b""
+
+
+@pytest.mark.parametrize("step", [1, 1000, CS - 1])
+def test_encrypt_with_tiny_reads(step: int) -> None:
+    pt = plaintext(CS + 300, step)
+    sink = Sink()
+    encrypt_stream(Pipe(pt, step=step), sink, ALICE, [])
+    assert decrypt(bytes(sink.data)) == pt
+    out = Sink()
+    decrypt_stream(Pipe(bytes(sink.data), step=step), out, ALICE)
+    assert bytes(out.data) == pt
