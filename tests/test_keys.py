@@ -352,3 +352,12 @@ def test_pem_garbage_and_encrypted_rejected() -> None:
 
 def test_constants() -> None:
     assert keys.SCRYPT_LOG_N_MIN == 10 and keys.SCRYPT_LOG_N_MAX == 22
+
+
+@settings(max_examples=50, deadline=None)
+@given(secret=st.binary(min_size=64, max_size=64))
+def test_any_identity_file_round_trips(secret: bytes) -> None:
+    identity = Identity._from_secret(secret)
+    got = parse_identity_file(identity.to_file(None), None)
+    assert got.recipient == identity.recipient
+    assert got._secret() == secret
