@@ -131,6 +131,10 @@ class InodeTable:
         node.lookups = max(0, node.lookups - nlookup)
         self._maybe_drop(node)
 
+    def drop_if_unused(self, node: Node) -> None:
+        """Drop a node made by ``node_for`` that the kernel did not take after all."""
+        self._maybe_drop(node)
+
     def opened(self, node: Node) -> None:
         node.opens += 1
 

@@ -1,0 +1,331 @@
+"""mount: the composition root of a mount daemon -- wiring, lifetime, signals, control socket.
+
+What it knows: how the pieces fit (store -> EncryptedStore + ChunkCache -> Journal + staging ->
+Operations -> pyfuse3), the order they start and stop in, the mount options, the service
+manager (service.notify) and the control socket the CLI talks to. What it must not know: how any
+piece works inside. It runs on trio, under one AsyncExitStack and one nursery.
+
+Lifetime (docs/MOUNT.md):
+
+1. open the store and check it answers (a bad URL, missing bucket or bad credentials fail here,
+   before anything is mounted); replay the journal (closed files of an earlier run that were not
+   uploaded yet are queued again), then ``pyfuse3.init``;
+2. bind the control socket, send ``READY=1`` to ``$NOTIFY_SOCKET``: the mount is usable;
+3. serve requests (``pyfuse3.main``) while the journal uploads in the background;
+4. SIGTERM/SIGINT: upload everything pending while still serving, then ``pyfuse3.terminate``; a
+   second signal terminates at once (what is pending stays in the journal for the next mount).
+   An unmount by the kernel (``fusermount3 -u``, ``umount``) ends ``pyfuse3.main`` too;
+5. after the main loop: commit files still open, upload everything pending, then
+   ``pyfuse3.close()`` (which unmounts if the kernel has not) -- nothing closed is lost, and the
+   daemon exits only when the bucket has every file. On an error ``pyfuse3.close(unmount=False)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from cssfs import config, service
+from cssfs.cache import ChunkCache
+from cssfs.encstore import EncryptedStore
+from cssfs.errors import ConfigError, CssfsError
+from cssfs.fs import Operations, Reader, Staged
+from cssfs.journal import Journal
+from cssfs.keys import Identity, Recipient
+from cssfs.staging import StagedFile, StagingBudget
+from cssfs.store.url import open_store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_SIZE = 256 * 1024 * 1024
+DEFAULT_LIST_TTL = 2.0
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """Everything a mount needs besides the identity (built by cmd_mount from the CLI)."""
+
+    store_url: str
+    mountpoint: str
+    cache_size: int = DEFAULT_CACHE_SIZE
+    read_only: bool = False
+    options: tuple[str, ...] = ()  # extra FUSE -o options, e.g. allow_other
+    list_ttl: float = DEFAULT_LIST_TTL
+    recipients: tuple[Recipient, ...] = ()
+    store_options: dict[str, Any] = field(default_factory=dict)
+    state_dir: Path | None = None  # default: config.state_dir()/stores/<hash of the store URL>
+    staging_bytes: int | None = None
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    """The FUSE mount options: pyfuse3's defaults, our names, ro, and the user's -o options."""
+    options = set(pyfuse3.default_options) | {f"fsname=cssfs:{cfg.store_url}", "subtype=cssfs"}
+    if cfg.read_only:
+        options.add("ro")
+    options.update(o for o in cfg.options if o)
+    return options
+
+
+def store_state_dir(store_url: str) -> Path:
+    """The journal and spill folder of one store URL (two mounts of one store share it)."""
+    digest = hashlib.sha256(store_url.encode()).hexdigest()[:16]
+    return config.state_dir() / "stores" / digest
+
+
+class Daemon:
+    """One running mount: its parts, for the control socket and the shutdown sequence."""
+
+    def __init__(self, cfg: MountConfig, ops: Operations, journal: Journal, cache: ChunkCache,
+                 encstore: EncryptedStore) -> None:
+        self.cfg = cfg
+        self.ops = ops
+        self.journal = journal
+        self.cache = cache
+        self.encstore = encstore
+        self.started = time.time()
+        self.serving = False  # pyfuse3.main is running (terminate() is allowed)
+        self.signals = 0
+        self.abandoned = False  # a second signal: stop waiting for uploads
+        self._flush_scopes: set[trio.CancelScope] = set()
+
+    async def flush_all(self) -> None:
+        """Commit open files and wait until nothing is pending (unless abandoned)."""
+        with trio.CancelScope() as scope:
+            if self.abandoned:
+                scope.cancel()
+            self._flush_scopes.add(scope)
+            try:
+                await self.ops.commit_all()
+                await self.journal.flush()
+            finally:
+                self._flush_scopes.discard(scope)
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        for scope in self._flush_scopes:
+            scope.cancel()
+
+    def status(self) -> dict[str, Any]:
+        """What ``cssfs status`` shows: uploads, cache and store traffic, as plain JSON data."""
+        store = self.encstore.store
+        stats = store.stats
+        cache = self.cache.stats
+        lookups = cache.hits + cache.misses
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "mountpoint": self.cfg.mountpoint,
+            "store": store.url,
+            "read_only": self.cfg.read_only or self.ops.failsafe,
+            "uptime_s": round(time.time() - self.started, 1),
+            "journal": _plain(self.journal.stats),
+            "open_files": self.ops.open_handles(),
+            "cache": {
+                "max_bytes": self.cache.max_bytes,
+                "bytes": cache.bytes,
+                "chunks": cache.entries,
+                "hits": cache.hits,
+                "misses": cache.misses,
+                "hit_rate": round(cache.hits / lookups, 4) if lookups else None,
+            },
+            "store_requests": dict(stats.requests),
+            "bytes_up": stats.bytes_sent,
+            "bytes_down": stats.bytes_received,
+            "lists": self.ops.listings.lists,
+        }
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        command = request.get("cmd")
+        if command == "status":
+            return self.status()
+        if command == "sync":
+            await self.journal.flush()
+            return {"ok": True, "pid": os.getpid()}
+        if command == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+
+def _plain(value: Any) -> Any:
+    """A stats object as JSON data (dataclasses and mappings; anything else as str)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+# -- the control socket -------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _control_listener(path: Path) -> AsyncIterator[trio.SocketListener]:
+    """A listening unix socket at ``path`` (a stale one from a dead daemon is replaced)."""
+    config.ensure_private_dir(path.parent)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        try:
+            await sock.bind(os.fspath(path))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            if await trio.to_thread.run_sync(_answers, path):
+                raise ConfigError(f"another cssfs daemon already listens on {path}") from None
+            _remove(path)
+            await sock.bind(os.fspath(path))
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        yield trio.SocketListener(sock)
+    finally:
+        sock.close()
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _answers(path: Path) -> bool:
+    try:
+        service.request(path, "ping", timeout=2.0)
+    except CssfsError:
+        return False
+    return True
+
+
+async def _serve_control(daemon: Daemon, listener: trio.SocketListener) -> None:
+    async def one(stream: trio.abc.Stream) -> None:
+        async with stream:
+            data = b""
+            while not data.endswith(b"\n") and len(data) < service.MAX_MESSAGE:
+                more = await stream.receive_some(65536)
+                if not more:
+                    return
+                data += more
+            try:
+                request = json.loads(data)
+                if not isinstance(request, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                answer: dict[str, Any] = {"ok": False, "error": "malformed request"}
+            else:
+                try:
+                    answer = await daemon.handle(request)
+                except CssfsError as exc:
+                    answer = {"ok": False, "error": str(exc)}
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(json.dumps(answer).encode() + b"\n")
+
+    await trio.serve_listeners(one, [listener])
+
+
+# -- signals ------------------------------------------------------------------------------------
+
+
+async def _watch_signals(daemon: Daemon, nursery: trio.Nursery) -> None:
+    """First SIGTERM/SIGINT: upload what is pending while still serving, then stop serving.
+    A second one: stop at once, abandoning the upload wait (the journal keeps the files)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            daemon.signals += 1
+            if daemon.signals == 1:
+                log.info("signal %d: uploading pending files, then unmounting", signum)
+                service.notify("STOPPING=1\nSTATUS=uploading pending files")
+                if daemon.serving:
+                    nursery.start_soon(_flush_then_terminate, daemon)
+                continue
+            log.warning("signal %d again: stopping now; pending uploads stay in the journal "
+                        "and resume at the next mount", signum)
+            daemon.abandon()
+            if daemon.serving:
+                daemon.serving = False
+                pyfuse3.terminate()
+
+
+async def _flush_then_terminate(daemon: Daemon) -> None:
+    await daemon.flush_all()
+    if daemon.serving:
+        daemon.serving = False
+        pyfuse3.terminate()
+
+
+# -- the daemon ---------------------------------------------------------------------------------
+
+
+def check_mountpoint(path: str) -> str:
+    """``path`` made absolute; ConfigError unless it is a folder that is not mounted yet."""
+    mountpoint = os.path.abspath(path)
+    if not os.path.isdir(mountpoint):
+        raise ConfigError(f"mount point {mountpoint} is not a folder")
+    if os.path.ismount(mountpoint):
+        raise ConfigError(f"{mountpoint} is already a mount point")
+    return mountpoint
+
+
+async def serve(cfg: MountConfig, identity: Identity) -> None:
+    """Mount, serve until unmounted or signalled, upload everything, unmount. See the module doc."""
+    mountpoint = check_mountpoint(cfg.mountpoint)
+    cfg = dataclasses.replace(cfg, mountpoint=mountpoint)
+    state_dir = cfg.state_dir or store_state_dir(cfg.store_url)
+    config.ensure_private_dir(state_dir)
+    control = service.control_path(mountpoint)
+
+    async with AsyncExitStack() as stack:
+        store = open_store(cfg.store_url, **cfg.store_options)
+        stack.push_async_callback(store.aclose)
+        await store.list("", "/")  # fail now, not in the first request: bucket, credentials
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)  # runs first: stop background tasks
+        cache = ChunkCache(cfg.cache_size)
+        encstore = EncryptedStore(store, identity, cfg.recipients, cache=cache, nursery=nursery)
+        journal = Journal(encstore, state_dir / "journal")
+        await journal.replay()
+        budget = StagingBudget(state_dir, **(
+            {} if cfg.staging_bytes is None else {"max_bytes": cfg.staging_bytes}))
+
+        async def new_staged(base: Reader | None) -> Staged:
+            return StagedFile(budget, base)
+
+        ops = Operations(encstore, journal, new_staged, list_ttl=cfg.list_ttl,
+                         read_only=cfg.read_only, nursery=nursery)
+        daemon = Daemon(cfg, ops, journal, cache, encstore)
+        nursery.start_soon(journal.run)
+        listener = await stack.enter_async_context(_control_listener(control))
+
+        pyfuse3.init(ops, mountpoint, fuse_options(cfg))
+        try:
+            nursery.start_soon(_serve_control, daemon, listener)
+            nursery.start_soon(_watch_signals, daemon, nursery)
+            daemon.serving = True
+            service.notify(f"READY=1\nSTATUS=serving {store.url} at {mountpoint}")
+            log.info("mounted %s at %s", store.url, mountpoint)
+            await pyfuse3.main()
+            daemon.serving = False
+            service.notify("STOPPING=1\nSTATUS=uploading pending files")
+            await daemon.flush_all()
+        except BaseException:
+            daemon.serving = False
+            pyfuse3.close(unmount=False)
+            raise
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", mountpoint)
