@@ -103,3 +103,16 @@ class PreconditionFailedError(StoreError):
 
 class StoreUnavailableError(StoreError):
     """The store could not be reached or kept failing after every retry (transient, exhausted)."""
+
+
+# -- the mount's local state -----------------------------------------------------------------
+
+
+class JournalError(CssfsError):
+    """A closed file could not be made durable in the mount's journal (disk full, state
+    directory not writable), or a journal entry is damaged. ``errno`` (ENOSPC, EACCES, EIO...)
+    tells the mount which error to give the writer; None for a damaged entry."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
