@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from enum import IntEnum
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from cssfs import __version__
 from cssfs.errors import (
@@ -54,9 +54,13 @@ from cssfs.errors import (
 if TYPE_CHECKING:
     from cssfs.keys import Identity
 
-    # What register() receives: ``def register(commands: Subparsers) -> None``.
-    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
-    Handler = Callable[[argparse.Namespace], int | None]
+# What register() receives: ``def register(commands: Subparsers) -> None``. (argparse's class is
+# generic only to type checkers.)
+if TYPE_CHECKING:
+    Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    Subparsers = argparse._SubParsersAction
+Handler: TypeAlias = Callable[[argparse.Namespace], "int | None"]
 
 log = logging.getLogger(__name__)
 
