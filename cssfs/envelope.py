@@ -47,6 +47,7 @@ from cssfs.errors import (
     ConfigError,
     FormatError,
     HeaderAuthError,
+    KeyFormatError,
     NoIdentityMatchError,
     PayloadError,
     SignatureError,
@@ -303,7 +304,12 @@ def check_envelope_size(plain_size: int, actual_size: int) -> None:
 
 
 def _stanza_for(file_key: bytes, recipient: Recipient, rng: Rng) -> Stanza:
-    ephemeral, wrapped = wrap_file_key(file_key, recipient.x25519, rng=rng)
+    try:
+        ephemeral, wrapped = wrap_file_key(file_key, recipient.x25519, rng=rng)
+    except ValueError:  # a low-order public key
+        raise KeyFormatError(
+            f"recipient {recipient.fingerprint} has an invalid X25519 key (low-order point)"
+        ) from None
     return Stanza(recipient.key_id, ephemeral, wrapped)
 
 

@@ -51,6 +51,19 @@ def key_id(x25519_public: bytes) -> bytes:
     return sha256(_KEY_ID_LABEL + x25519_public)[:8]
 
 
+# Any scalar works: X25519 clamps it to a multiple of 8, so a low-order point always gives 0.
+_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def check_x25519_public(public: bytes) -> None:
+    """KeyFormatError if ``public`` is a low-order point (no one could decrypt files sent to it;
+    the all-zero shared secret it yields is refused)."""
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        raise KeyFormatError("the X25519 public key is invalid (a low-order point)") from None
+
+
 def _grouped(digest: bytes) -> str:
     text = digest.hex()
     return "-".join(text[i : i + 4] for i in range(0, len(text), 4))
@@ -117,6 +130,7 @@ def parse_recipient(text: str) -> Recipient:
     x, ed, check = raw[:32], raw[32:64], raw[64:]
     if sha256(_RECIPIENT_LABEL + x + ed)[:_CHECKSUM_SIZE] != check:
         raise KeyFormatError("cssfs recipient has a bad checksum (mistyped?)")
+    check_x25519_public(x)
     recipient = Recipient(x, ed)
     if recipient.to_string() != text:  # unused trailing bits set: non-canonical
         raise KeyFormatError("cssfs recipient is not canonically encoded")
@@ -131,6 +145,7 @@ def recipient_from_pem(data: bytes) -> Recipient:
         raise KeyFormatError("not a PEM public key") from None
     if not isinstance(key, X25519PublicKey):
         raise KeyFormatError("only X25519 keys are supported (this PEM holds another key type)")
+    check_x25519_public(key.public_bytes_raw())
     return Recipient(key.public_bytes_raw(), None)
 
 

@@ -435,6 +435,14 @@ def test_recipient_limit() -> None:
         EnvelopeWriter(ALICE, many)
 
 
+def test_low_order_recipient_refused_by_the_writer() -> None:
+    from cssfs.errors import KeyFormatError
+    from cssfs.keys import Recipient
+
+    with pytest.raises(KeyFormatError, match="low-order"):
+        EnvelopeWriter(ALICE, [Recipient(bytes(32), None)])
+
+
 def test_writer_validates_metadata() -> None:
     with pytest.raises(ValueError):
         EnvelopeWriter(ALICE, [], mode=0o10000)

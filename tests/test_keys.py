@@ -25,6 +25,7 @@ from cssfs.keys import (
 )
 
 B32 = "abcdefghijklmnopqrstuvwxyz234567"
+LOW_ORDER = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")
 
 
 def counter_rng(seed: int = 0):
@@ -119,7 +120,24 @@ def test_mutated_recipient_strings_raise_key_format_error(pos: int, char: str) -
 @given(x=st.binary(min_size=32, max_size=32), ed=st.binary(min_size=32, max_size=32))
 def test_any_recipient_round_trips(x: bytes, ed: bytes) -> None:
     r = Recipient(x, ed)
+    try:
+        keys.check_x25519_public(x)
+    except KeyFormatError:
+        with pytest.raises(KeyFormatError, match="low-order"):
+            parse_recipient(r.to_string())
+        return
     assert parse_recipient(r.to_string()) == r
+
+
+def test_low_order_recipient_keys_rejected() -> None:
+    for point in (bytes(32), b"\x01" + bytes(31), LOW_ORDER):
+        with pytest.raises(KeyFormatError, match="low-order"):
+            parse_recipient(Recipient(point, bytes(32)).to_string())
+    pem = x25519.X25519PublicKey.from_public_bytes(LOW_ORDER).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with pytest.raises(KeyFormatError, match="low-order"):
+        recipient_from_pem(pem)
 
 
 def test_recipient_field_lengths_checked() -> None:
