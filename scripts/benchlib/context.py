@@ -51,6 +51,7 @@ class Ctx:
         self.work = Path(tempfile.mkdtemp(prefix="cssfs-bench-", dir=workdir))
         cleanup.push("bench data folder", lambda: shutil.rmtree(self.data, ignore_errors=True))
         cleanup.push("bench work folder", lambda: shutil.rmtree(self.work, ignore_errors=True))
+        self.systems: list[str] | None = None  # --systems: a subset for the fs suites
         self._files: dict[tuple[str, int], tuple[Path, str]] = {}
         self._s3: Any = None
         self._cssfs: Any = None
