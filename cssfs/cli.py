@@ -37,6 +37,7 @@ from cssfs.errors import (
     CssfsError,
     FormatError,
     HeaderAuthError,
+    JournalError,
     KeyFormatError,
     NoIdentityMatchError,
     NoSuchBucketError,
@@ -93,7 +94,7 @@ class ExitCode(IntEnum):
     ACCESS_DENIED = 32  # the store refused the credentials or the operation
     PRECONDITION = 33  # another client changed the object first (conditional write failed)
     STORE = 34  # any other store failure
-    IO = 40  # a local file could not be read or written
+    IO = 40  # a local file (or the mount's journal) could not be read or written
     MOUNT = 50  # the filesystem could not be mounted or unmounted
     INTERRUPTED = 130  # SIGINT / Ctrl-C (128 + 2, as shells report it)
 
@@ -124,6 +125,7 @@ _ERROR_CODES: dict[type[BaseException], ExitCode] = {
     AccessDeniedError: ExitCode.ACCESS_DENIED,
     PreconditionFailedError: ExitCode.PRECONDITION,
     StoreError: ExitCode.STORE,
+    JournalError: ExitCode.IO,
     OSError: ExitCode.IO,
     CssfsError: ExitCode.ERROR,
 }

@@ -399,6 +399,21 @@ def test_bad_envelopes(
     assert sorted(os.listdir(env)) == before  # neither bad.out nor a temp file
 
 
+def test_every_error_class_has_its_own_exit_code() -> None:
+    # A new error class must be given a code on purpose, not fall through to ERROR (a bug).
+    import cssfs.errors
+
+    classes = [
+        cls for cls in vars(cssfs.errors).values()
+        if isinstance(cls, type) and issubclass(cls, cssfs.errors.CssfsError)
+        and cls is not cssfs.errors.CssfsError
+    ]
+    for cls in classes:
+        assert cli.exit_code_for(cls.__new__(cls)) != ExitCode.ERROR, cls
+    assert len({int(code) for code in ExitCode}) == len(ExitCode.__members__)  # no aliases
+    assert ExitCode.INTERRUPTED == 130 and ExitCode.USAGE == 2
+
+
 def test_usage_errors(run: Run, env: Path) -> None:
     assert run().code == ExitCode.USAGE
     assert run("frobnicate").code == ExitCode.USAGE
