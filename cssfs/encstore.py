@@ -592,8 +592,8 @@ class EncryptedStore:
         except Exception as exc:  # read-ahead is a hint: never crash on it
             log.debug("object %s: read-ahead of chunks %s failed: %s", state.key, indexes, exc)
 
-    async def get_to(self, key: str, dst: BinaryIO, *, progress: object = None) -> int:
-        """Write the whole plaintext of ``key`` to ``dst``; the number of bytes written.
+    async def get_to(self, key: str, dst: BinaryIO, *, progress: object = None) -> HeaderInfo:
+        """Write the whole plaintext of ``key`` to ``dst``; what its header says.
 
         A few ranged GETs run in parallel (bounded memory); a chunk's plaintext is written only
         after its table entry and GCM tag verified. Bypasses the chunk cache. ``progress``, if
@@ -638,7 +638,9 @@ class EncryptedStore:
                     if callable(update):
                         update(len(data))
         await trio.to_thread.run_sync(dst.flush)
-        return written
+        if written != f.size:
+            raise AssertionError("encstore: internal error: get_to wrote the wrong size")
+        return f.info
 
     # -- writing ---------------------------------------------------------------------------
 
