@@ -1,0 +1,729 @@
+"""store.s3: an ObjectStore on S3, or any S3-compatible endpoint, through boto3.
+
+Knows: boto3/botocore, the S3 API and its error codes. Must not know: crypto, envelopes, FUSE.
+
+Threads. Every boto3 call runs in ``trio.to_thread.run_sync`` behind one ``CapacityLimiter``
+sized like botocore's connection pool (``max_connections``), so the trio loop never blocks and no
+thread ever waits for a pooled connection.
+
+Failures. botocore's own retries are off (one attempt per call); :mod:`cssfs.store.retry` retries
+transient failures here and nowhere else: 5xx, SlowDown/throttling, 429, connection resets and
+refusals, timeouts, truncated bodies. Permanent ones fail at once with the specific error and a
+one-line message: NoSuchKey -> ``NoSuchObjectError``, NoSuchBucket -> ``NoSuchBucketError``,
+AccessDenied/403/bad credentials -> ``AccessDeniedError``, 412 -> ``PreconditionFailedError``.
+
+Uploads. A body up to ``part_size`` is one PutObject; a larger one, a file object or a
+:class:`~cssfs.store.base.PartSource` becomes a multipart upload whose parts go up in parallel,
+with at most ``concurrency`` parts in memory (plus part 1 of a PartSource, which is uploaded
+last). A multipart upload that fails is aborted: no partial object ever appears. Conditions go on
+PutObject / CompleteMultipartUpload (``If-Match``, ``If-None-Match: *``); before a conditional
+multipart upload a HEAD checks the condition too, so an upload that is bound to fail is not sent
+(and servers that ignore If-Match on CompleteMultipartUpload, such as moto, still get it mostly
+right). If a conditional request is retried after its first attempt succeeded but the answer was
+lost, the retry gets 412; the store then checks whether the object's ETag is the one its own body
+would have (MD5, or MD5 of part MD5s) and, if so, reports success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import trio
+
+from cssfs import __version__
+from cssfs.errors import (
+    AccessDeniedError,
+    ConfigError,
+    NoSuchBucketError,
+    NoSuchObjectError,
+    PreconditionFailedError,
+    StoreError,
+)
+from cssfs.store.base import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_PART_SIZE,
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    Body,
+    Listing,
+    ObjectInfo,
+    PartReader,
+    PartSource,
+    StoreBase,
+    as_part_source,
+    batched,
+    check_range,
+    check_replace_head,
+)
+from cssfs.store.retry import DEFAULT_RETRY, RetryPolicy, TransientError, retrying
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
+
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "MAX_COPY_PART_SIZE", "S3Store"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_MAX_CONNECTIONS = 10
+MAX_COPY_PART_SIZE = 5 * 1024**3  # S3: the largest part, and the largest CopyObject source
+DEFAULT_COPY_PART_SIZE = 1024**3  # UploadPartCopy ranges of replace_head, copied in parallel
+_ABORT_RETRY = RetryPolicy(attempts=3, budget=5.0, base_delay=0.1, max_delay=1.0)
+
+_TRANSIENT_CODES = frozenset(
+    {
+        "BadDigest",
+        "ConditionalRequestConflict",
+        "IncompleteBody",
+        "InternalError",
+        "OperationAborted",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+    }
+)
+_DENIED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccountProblem",
+        "AllAccessDisabled",
+        "ExpiredToken",
+        "Forbidden",
+        "InvalidAccessKeyId",
+        "InvalidToken",
+        "SignatureDoesNotMatch",
+        "TokenRefreshRequired",
+    }
+)
+
+
+class _InvalidRange(StoreError):
+    """The range starts at or after the end of the object (HTTP 416)."""
+
+
+_Job = Callable[[], Awaitable[str]]  # uploads or copies one part; its ETag
+_Start = Callable[[int, _Job, bool], None]  # (part number, job, holds a memory token)
+
+
+@dataclass(frozen=True)
+class _Upload:
+    key: str  # relative key
+    full_key: str
+    upload_id: str
+
+
+def _etag(raw: str) -> str:
+    return raw.strip('"')
+
+
+def _quoted(etag: str) -> str:
+    return '"' + etag.strip('"') + '"'
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _multipart_etag(part_etags: dict[int, str]) -> str:
+    """The ETag S3 gives a completed multipart upload: MD5 of the part MD5s, dash, count."""
+    digests = b"".join(bytes.fromhex(_etag(part_etags[n])) for n in sorted(part_etags))
+    return f"{_md5(digests)}-{len(part_etags)}"
+
+
+def _server_time(response: dict[str, Any]) -> float:
+    """The server's clock from the Date header of a response (PUT answers carry no mtime)."""
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if date:
+        with contextlib.suppress(TypeError, ValueError):
+            return email.utils.parsedate_to_datetime(date).timestamp()
+    return time.time()
+
+
+class S3Store(StoreBase):
+    """An ObjectStore over ``bucket``, keys relative to ``prefix``.
+
+    Credentials come from boto3's standard chain (environment, shared files, ``profile``,
+    instance roles). ``endpoint_url`` (else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, which
+    boto3 reads itself) points at another S3 implementation; ``path_style`` forces path-style
+    (True) or virtual-hosted (False) addressing, None lets botocore choose.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        path_style: bool | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 20.0,
+        list_page_size: int = 1000,
+        min_part_size: int = MIN_PART_SIZE,
+        copy_part_size: int = DEFAULT_COPY_PART_SIZE,
+        seed: int | None = None,
+    ) -> None:
+        if not bucket:
+            raise ConfigError("an S3 store needs a bucket name")
+        if part_size < min_part_size:
+            raise ConfigError(f"part size {part_size} is below the S3 minimum of {min_part_size}")
+        if not min_part_size <= copy_part_size <= MAX_COPY_PART_SIZE:
+            raise ConfigError(f"copy part size {copy_part_size} is outside S3's part limits")
+        if concurrency < 1 or max_connections < 1 or not 1 <= list_page_size <= 1000:
+            raise ConfigError("concurrency, max_connections and list_page_size must be positive")
+        path = prefix.strip("/")
+        super().__init__(f"s3://{bucket}" + (f"/{path}" if path else ""), prefix, part_size)
+        self.bucket = bucket
+        self.concurrency = concurrency
+        self.min_part_size = min_part_size
+        self.copy_part_size = copy_part_size
+        self.list_page_size = list_page_size
+        self.retry = retry
+        self._rng = random.Random(seed)
+        self._limiter = trio.CapacityLimiter(max_connections)
+        self._bucket_seen = False
+        self._orphans: set[_Upload] = set()
+        try:
+            session = boto3.session.Session(profile_name=profile, region_name=region)
+        except botocore.exceptions.ProfileNotFound:
+            raise ConfigError(f"AWS profile {profile!r} not found") from None
+        addressing: Literal["auto", "path", "virtual"] = (
+            "auto" if path_style is None else "path" if path_style else "virtual"
+        )
+        config = botocore.config.Config(
+            max_pool_connections=max_connections,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"mode": "standard", "total_max_attempts": 1},  # ours are the only retries
+            s3={"addressing_style": addressing},
+            user_agent_extra=f"cssfs/{__version__}",
+        )
+        try:
+            self._client: S3Client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        except ValueError as exc:  # a malformed endpoint URL
+            raise ConfigError(f"bad S3 endpoint {endpoint_url!r}: {exc}") from None
+        self.endpoint_url: str = self._client.meta.endpoint_url
+
+    # -- calling boto3 ---------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        kind: str,
+        where: str,
+        fn: Callable[[], T],
+        *,
+        sent: int = 0,
+        check: Callable[[T], None] | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> T:
+        """Run ``fn`` in a worker thread, retrying transient failures; errors as store errors."""
+        what = f"{kind.upper()} {where}"
+
+        async def attempt() -> T:
+            self.stats.count(kind, sent=sent)
+            try:
+                result = await trio.to_thread.run_sync(fn, limiter=self._limiter)
+            except Exception as exc:
+                mapped = self._translate(exc, what)
+                if mapped is None:
+                    raise
+                raise mapped from exc
+            self._bucket_seen = True
+            if check is not None:
+                check(result)
+            return result
+
+        def count_retry() -> None:
+            self.stats.retries += 1
+
+        return await retrying(
+            policy or self.retry, what, attempt, rng=self._rng, on_retry=count_retry
+        )
+
+    def _translate(self, exc: Exception, what: str) -> Exception | None:
+        """A botocore failure as TransientError or a store error; None if it is not one."""
+        if isinstance(exc, botocore.exceptions.ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            message = str(error.get("Message", "")).split("\n", 1)[0]
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            detail = f"{code}: {message}" if message else code
+            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+                return TransientError(f"HTTP {status} {code}")
+            if code == "NoSuchBucket":
+                return NoSuchBucketError(f"{what}: bucket {self.bucket!r} does not exist")
+            if code in ("NoSuchKey", "NoSuchUpload") or status == 404:
+                return NoSuchObjectError(f"{what}: no such object ({code or status})")
+            if code in _DENIED_CODES or status == 403:
+                return AccessDeniedError(f"{what}: access denied ({detail})")
+            if code == "PreconditionFailed" or status == 412:
+                return PreconditionFailedError(f"{what}: precondition failed")
+            if code == "InvalidRange" or status == 416:
+                return _InvalidRange(f"{what}: range not satisfiable")
+            return StoreError(f"{what}: {detail} (HTTP {status})")
+        if isinstance(exc, botocore.exceptions.SSLError):
+            return StoreError(f"{what}: TLS error ({exc})")
+        if isinstance(
+            exc,
+            botocore.exceptions.HTTPClientError  # connection refused/reset, timeouts
+            | botocore.exceptions.ResponseStreamingError
+            | botocore.exceptions.IncompleteReadError
+            | ConnectionError
+            | TimeoutError,
+        ):
+            return TransientError(type(exc).__name__)
+        if isinstance(
+            exc,
+            botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError,
+        ):
+            return AccessDeniedError(f"{what}: no usable AWS credentials ({exc})")
+        if isinstance(exc, botocore.exceptions.BotoCoreError):
+            return StoreError(f"{what}: {exc}")
+        return None
+
+    async def _check_bucket(self) -> None:
+        """A 404 on HEAD does not say whether the key or the bucket is missing: ask once."""
+        if self._bucket_seen:
+            return
+        try:
+            await self._call("head", self.url, lambda: self._client.head_bucket(Bucket=self.bucket))
+        except NoSuchObjectError:
+            raise NoSuchBucketError(f"{self.url}: bucket {self.bucket!r} does not exist") from None
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def list(self, prefix: str = "", delimiter: str | None = None) -> Listing:
+        n = len(self.prefix)
+        objects: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self.prefix + prefix,
+            "MaxKeys": self.list_page_size,
+        }
+        if delimiter:
+            params["Delimiter"] = delimiter
+        while True:
+            page: Any = await self._call(
+                "list", self.where(prefix), partial(self._client.list_objects_v2, **params)
+            )
+            for item in page.get("Contents", ()):
+                key = item["Key"][n:]
+                if key:
+                    mtime = item["LastModified"].timestamp()
+                    objects.append(ObjectInfo(key, item["Size"], _etag(item["ETag"]), mtime))
+            prefixes.extend(p["Prefix"][n:] for p in page.get("CommonPrefixes", ()))
+            if not page.get("IsTruncated"):
+                break
+            params["ContinuationToken"] = page["NextContinuationToken"]
+        objects.sort(key=lambda i: i.key)
+        return Listing(objects, sorted(prefixes))
+
+    async def head(self, key: str) -> ObjectInfo:
+        full = self.full_key(key)
+        try:
+            response: Any = await self._call(
+                "head",
+                self.where(key),
+                lambda: self._client.head_object(Bucket=self.bucket, Key=full),
+            )
+        except NoSuchObjectError:
+            await self._check_bucket()
+            raise
+        return ObjectInfo(
+            key,
+            response["ContentLength"],
+            _etag(response["ETag"]),
+            response["LastModified"].timestamp(),
+        )
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        return await self._get(key, start, end)
+
+    async def _get(
+        self, key: str, start: int = 0, end: int | None = None, *, if_match: str | None = None
+    ) -> bytes:
+        check_range(start, end)
+        full = self.full_key(key)
+        if end is not None and end <= start:
+            await self.head(key)  # an empty range of an object that must exist
+            return b""
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
+        if start or end is not None:
+            params["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        if if_match is not None:
+            params["IfMatch"] = _quoted(if_match)
+
+        def fetch() -> bytes:
+            response: Any = self._client.get_object(**params)
+            with contextlib.closing(response["Body"]) as body:
+                data: bytes = body.read()
+            if len(data) != response.get("ContentLength", len(data)):
+                raise botocore.exceptions.IncompleteReadError(
+                    actual_bytes=len(data), expected_bytes=response["ContentLength"]
+                )
+            return data
+
+        try:
+            data = await self._call("get", self.where(key), fetch)
+        except _InvalidRange:
+            return b""  # the range starts at or after the end: like a slice, nothing
+        self.stats.bytes_received += len(data)
+        return data
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    async def put(
+        self, key: str, body: Body, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> ObjectInfo:
+        self.full_key(key)  # checks the key
+        if isinstance(body, bytes | bytearray | memoryview) and len(body) <= self.part_size:
+            return await self._put_single(key, bytes(body), if_match, if_none_match)
+        source = as_part_source(body, self.part_size)
+        if source.head_size >= self.min_part_size:
+            raise ValueError(f"PartSource.head_size must be below {self.min_part_size}")
+        return await self._put_parts(key, source, if_match, if_none_match)
+
+    async def _put_single(
+        self, key: str, data: bytes, if_match: str | None, if_none_match: bool
+    ) -> ObjectInfo:
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.full_key(key), "Body": data}
+        if if_match is not None:
+            params["IfMatch"] = _quoted(if_match)
+        if if_none_match:
+            params["IfNoneMatch"] = "*"
+        calls = 0
+
+        def send() -> Any:
+            nonlocal calls
+            calls += 1
+            return self._client.put_object(**params)
+
+        try:
+            response = await self._call("put", self.where(key), send, sent=len(data))
+        except PreconditionFailedError:
+            if calls > 1 and (landed := await self._landed(key, _md5(data))) is not None:
+                return landed
+            raise
+        return ObjectInfo(key, len(data), _etag(response["ETag"]), _server_time(response))
+
+    async def _landed(self, key: str, etag: str) -> ObjectInfo | None:
+        """After a retried conditional write failed: did an earlier attempt store our body?"""
+        try:
+            info = await self.head(key)
+        except NoSuchObjectError:
+            return None
+        if info.etag != etag:
+            return None
+        log.debug("%s: an earlier attempt of the write succeeded", self.where(key))
+        return info
+
+    async def _precheck(self, key: str, if_match: str | None, if_none_match: bool) -> None:
+        """Check a condition before sending a multipart body that it would reject."""
+        try:
+            info = await self.head(key)
+        except NoSuchObjectError:
+            if if_match is not None:
+                raise
+            return
+        if if_none_match:
+            raise PreconditionFailedError(f"PUT {self.where(key)}: precondition failed, it exists")
+        if if_match is not None and info.etag != if_match.strip('"'):
+            raise PreconditionFailedError(f"PUT {self.where(key)}: precondition failed")
+
+    async def _put_parts(
+        self, key: str, source: PartSource, if_match: str | None, if_none_match: bool
+    ) -> ObjectInfo:
+        tokens = trio.Semaphore(self.concurrency)  # one per part in memory, but part 1
+        async with contextlib.aclosing(source.pieces()) as pieces:
+            reader = PartReader(pieces)
+            tail_size = self.part_size - source.head_size
+            first_tail = await reader.read(tail_size)
+            await tokens.acquire()
+            second = await reader.read(self.part_size) if len(first_tail) == tail_size else b""
+            if not second:  # it all fits in one part: a plain PUT
+                tokens.release()
+                head = await source.read_head()
+                return await self._put_single(key, head + first_tail, if_match, if_none_match)
+            if if_match is not None or if_none_match:
+                await self._precheck(key, if_match, if_none_match)
+            upload = await self._create_upload(key)
+            try:
+                sizes: dict[int, int] = {}
+
+                async def produce(start: _Start) -> None:
+                    number, data = 2, second
+                    while data:
+                        if number > MAX_PARTS:
+                            raise StoreError(
+                                f"PUT {self.where(key)}: more than {MAX_PARTS} parts of "
+                                f"{self.part_size} bytes; use a larger part size"
+                            )
+                        start(number, partial(self._upload_part, upload, number, data), True)
+                        sizes[number] = len(data)
+                        data = b""
+                        await tokens.acquire()
+                        data = await reader.read(self.part_size)
+                        if not data:
+                            tokens.release()
+                        number += 1
+                    part1 = await source.read_head() + first_tail
+                    sizes[1] = len(part1)
+                    start(1, partial(self._upload_part, upload, 1, part1), False)
+
+                etags = await self._send_parts(produce, tokens)
+                size = sum(sizes.values())
+                return await self._complete(upload, etags, size, if_match, if_none_match)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._abort(upload)
+                raise
+
+    async def _send_parts(
+        self, produce: Callable[[_Start], Awaitable[None]], tokens: trio.Semaphore
+    ) -> dict[int, str]:
+        """Run the part jobs ``produce`` hands over, in parallel; their ETags by part number.
+
+        ``produce(start)`` calls ``start(number, job, holds_token)`` for each part; a job that
+        holds a token releases it when it is done. The first failure (of a job or of ``produce``)
+        cancels the rest and is raised as itself, not as an exception group.
+        """
+        etags: dict[int, str] = {}
+        failures: list[BaseException] = []
+        async with trio.open_nursery() as nursery:
+
+            async def run(number: int, job: _Job, holds_token: bool) -> None:
+                try:
+                    etags[number] = await job()
+                except Exception as exc:
+                    failures.append(exc)
+                    nursery.cancel_scope.cancel()
+                finally:
+                    if holds_token:
+                        tokens.release()
+
+            def start(number: int, job: _Job, holds_token: bool) -> None:
+                nursery.start_soon(run, number, job, holds_token)
+
+            try:
+                await produce(start)
+            except Exception as exc:
+                failures.append(exc)
+                nursery.cancel_scope.cancel()
+        if failures:
+            raise failures[0]
+        return etags
+
+    async def _create_upload(self, key: str) -> _Upload:
+        full = self.full_key(key)
+        response = await self._call(
+            "create_multipart",
+            self.where(key),
+            lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full),
+        )
+        return _Upload(key, full, response["UploadId"])
+
+    async def _upload_part(self, upload: _Upload, number: int, data: bytes) -> str:
+        response = await self._call(
+            "upload_part",
+            f"{self.where(upload.key)} part {number}",
+            lambda: self._client.upload_part(
+                Bucket=self.bucket,
+                Key=upload.full_key,
+                UploadId=upload.upload_id,
+                PartNumber=number,
+                Body=data,
+            ),
+            sent=len(data),
+        )
+        return response["ETag"]
+
+    async def _complete(
+        self,
+        upload: _Upload,
+        etags: dict[int, str],
+        size: int,
+        if_match: str | None,
+        if_none_match: bool,
+    ) -> ObjectInfo:
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": upload.full_key,
+            "UploadId": upload.upload_id,
+            "MultipartUpload": {
+                "Parts": [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+            },
+        }
+        if if_match is not None:
+            params["IfMatch"] = _quoted(if_match)
+        if if_none_match:
+            params["IfNoneMatch"] = "*"
+        calls = 0
+
+        def send() -> Any:
+            nonlocal calls
+            calls += 1
+            return self._client.complete_multipart_upload(**params)
+
+        try:
+            response = await self._call("complete_multipart", self.where(upload.key), send)
+        except (PreconditionFailedError, NoSuchObjectError):
+            # A retry after a lost answer finds the upload gone (or the object already ours).
+            if calls > 1:
+                landed = await self._landed(upload.key, _multipart_etag(etags))
+                if landed is not None:
+                    return landed
+            raise
+        return ObjectInfo(upload.key, size, _etag(response["ETag"]), _server_time(response))
+
+    async def _abort(self, upload: _Upload) -> None:
+        """Abort a failed multipart upload; if that fails too, try again at aclose()."""
+        try:
+            await self._call(
+                "abort_multipart",
+                self.where(upload.key),
+                lambda: self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload.full_key, UploadId=upload.upload_id
+                ),
+                policy=_ABORT_RETRY,
+            )
+        except NoSuchObjectError:
+            pass  # already gone (completed or aborted)
+        except StoreError as exc:
+            self._orphans.add(upload)
+            log.warning(
+                "%s: could not abort a failed multipart upload (%s); will retry at close",
+                self.where(upload.key),
+                exc,
+            )
+        else:
+            self._orphans.discard(upload)
+
+    # -- copy, replace_head, delete --------------------------------------------------------------
+
+    async def copy(self, src: str, dst: str) -> ObjectInfo:
+        info = await self.head(src)
+        if info.size > MAX_COPY_PART_SIZE:
+            raise StoreError(f"COPY {self.where(src)}: objects over 5 GiB cannot be copied")
+        src_full, dst_full = self.full_key(src), self.full_key(dst)
+        response: Any = await self._call(
+            "copy",
+            f"{self.where(src)} to {self.where(dst)}",
+            lambda: self._client.copy_object(
+                Bucket=self.bucket,
+                Key=dst_full,
+                CopySource={"Bucket": self.bucket, "Key": src_full},
+                CopySourceIfMatch=_quoted(info.etag),
+            ),
+        )
+        result = response["CopyObjectResult"]
+        return ObjectInfo(dst, info.size, _etag(result["ETag"]), result["LastModified"].timestamp())
+
+    async def replace_head(
+        self, key: str, new_head: bytes, old_head_len: int, *, if_match: str | None = None
+    ) -> ObjectInfo:
+        info = await self.head(key)
+        expected = check_replace_head(info, old_head_len, if_match, self.where(key))
+        new_head = bytes(new_head)
+        new_size = len(new_head) + info.size - old_head_len
+        if new_size <= self.part_size:  # small: read the rest, write it all back
+            rest = await self._get(key, old_head_len, if_match=expected)
+            return await self._put_single(key, new_head + rest, expected, False)
+        # Large: part 1 = new head + rest bytes up to the minimum part size, fetched; the other
+        # parts are server-side copies of the old object, pinned to the version we checked.
+        fill = max(0, self.min_part_size - len(new_head))
+        first = new_head + await self._get(
+            key, old_head_len, old_head_len + fill, if_match=expected
+        )
+        copy_start = old_head_len + fill
+        ranges = [
+            (offset, min(offset + self.copy_part_size, info.size))
+            for offset in range(copy_start, info.size, self.copy_part_size)
+        ]
+        upload = await self._create_upload(key)
+        tokens = trio.Semaphore(self.concurrency)
+
+        async def produce(start: _Start) -> None:
+            start(1, partial(self._upload_part, upload, 1, first), False)
+            for number, (a, b) in enumerate(ranges, start=2):
+                await tokens.acquire()
+                start(number, partial(self._copy_part, upload, number, a, b, expected), True)
+
+        try:
+            etags = await self._send_parts(produce, tokens)
+            return await self._complete(upload, etags, new_size, expected, False)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._abort(upload)
+            raise
+
+    async def _copy_part(self, upload: _Upload, number: int, a: int, b: int, etag: str) -> str:
+        response: Any = await self._call(
+            "upload_part_copy",
+            f"{self.where(upload.key)} part {number}",
+            lambda: self._client.upload_part_copy(
+                Bucket=self.bucket,
+                Key=upload.full_key,
+                UploadId=upload.upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": self.bucket, "Key": upload.full_key},
+                CopySourceRange=f"bytes={a}-{b - 1}",
+                CopySourceIfMatch=_quoted(etag),
+            ),
+        )
+        return str(response["CopyPartResult"]["ETag"])
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        for batch in batched(keys):
+            objects: list[ObjectIdentifierTypeDef] = [{"Key": self.full_key(key)} for key in batch]
+            where = f"{self.where(batch[0])} and {len(batch) - 1} more"
+
+            def check(response: Any, where: str = where) -> None:
+                for error in response.get("Errors", ()):
+                    code = error.get("Code", "")
+                    if code == "NoSuchKey":
+                        continue
+                    if code in _TRANSIENT_CODES:
+                        raise TransientError(f"{code} for {error.get('Key')}")
+                    if code in _DENIED_CODES:
+                        raise AccessDeniedError(f"DELETE {where}: access denied ({code})")
+                    raise StoreError(f"DELETE {where}: {code} for {error.get('Key')}")
+
+            await self._call(
+                "delete",
+                where,
+                partial(
+                    self._client.delete_objects,
+                    Bucket=self.bucket,
+                    Delete={"Objects": objects, "Quiet": True},
+                ),
+                check=check,
+            )
+
+    async def aclose(self) -> None:
+        for upload in list(self._orphans):
+            with contextlib.suppress(StoreError):
+                await self._abort(upload)
+        await trio.to_thread.run_sync(self._client.close)
