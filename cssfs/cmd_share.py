@@ -426,7 +426,7 @@ def _group_list(args: argparse.Namespace) -> None:
                 print(f"group:{info.name}  NOT TRUSTED: {info.problem}")
                 continue
             setter = trust.describe_signer(info.record.setter.ed25519 or b"")
-            status = "member" if info.member else "not a member"
+            status = "a member" if info.member else "not a member"
             print(f"group:{info.name}  {info.record.recipient.fingerprint}  generation "
                   f"{info.record.generation}, set by {setter}, you are {status}")
             for m in info.members or ():

@@ -333,3 +333,114 @@ async def test_signature_status(store: MemoryStore) -> None:
     assert signature_status(header, trust_of(ALICE)) == "unknown writer"
     forged = dataclasses.replace(header, signature=bytes(64))
     assert signature_status(forged, ALICE_TRUST) == "invalid"
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def _cli_setup(tmp_path, monkeypatch):
+    from cssfs import config
+    from cssfs.store.local import LocalStore
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.delenv("CSSFS_IDENTITY", raising=False)
+    ident = tmp_path / "alice.id"
+    ident.write_bytes(ALICE.to_file(None))
+    ident.chmod(0o600)
+    book = config.Contacts.load()
+    book.add("bob", BOB.recipient)
+    book.add("carol", CAROL.recipient)
+    book.save()
+    root = tmp_path / "store"
+    root.mkdir()
+
+    async def fill() -> None:
+        store = LocalStore(str(root))
+        await put_file(store, "docs/a.txt", b"a" * 100)
+        await put_file(store, "docs/sub/b.txt", b"b" * 70000)
+        await store.aclose()
+
+    trio.run(fill)
+    return str(ident), f"file://{root}", root
+
+
+def _read_local(root, key: str, identity: Identity) -> bytes:
+    from cssfs.store.local import LocalStore
+
+    async def go() -> bytes:
+        store = LocalStore(str(root))
+        try:
+            return await read_file(store, key, identity)
+        finally:
+            await store.aclose()
+
+    return trio.run(go)
+
+
+def test_cli_share_access_unshare_group(tmp_path, monkeypatch, capsys) -> None:
+    from cssfs import cli
+
+    ident, url, root = _cli_setup(tmp_path, monkeypatch)
+
+    def run(*argv: str) -> str:
+        rc = cli.main(["-i", ident, *argv])
+        out, err = capsys.readouterr()
+        assert (rc, err) == (0, ""), (argv, rc, err)
+        return out
+
+    out = run("share", "--store", url, "docs", "bob")
+    assert "docs: 2 file(s) shared, 0 already done" in out
+    assert _read_local(root, "docs/sub/b.txt", BOB) == b"b" * 70000
+    out = run("access", "--store", url, "docs")
+    assert f"bob ({BOB.recipient.fingerprint})" in out
+    assert "docs/a.txt: written by me (valid)" in out
+    out = run("share", "--store", url, "docs", "bob")
+    assert "0 file(s) shared, 2 already done" in out
+    out = run("unshare", "--store", url, "docs", "bob")
+    assert "2 file(s) re-encrypted" in out
+    with pytest.raises(NoIdentityMatchError):
+        _read_local(root, "docs/a.txt", BOB)
+
+    out = run("group", "create", "--store", url, "team", "carol")
+    assert "group:team created, 2 member(s)" in out
+    out = run("group", "list", "--store", url)
+    assert "group:team" in out and "you are a member" in out and "carol" in out
+    out = run("share", "--store", url, "docs", "group:team")
+    assert "2 file(s) shared" in out
+    out = run("group", "add", "--store", url, "team", "bob")
+    assert "1 new member(s)" in out
+    out = run("group", "remove", "--store", url, "team", "bob")
+    assert "generation 2" in out
+
+    # Errors: one line, a non-zero code.
+    rc = cli.main(["-i", ident, "share", "--store", url, "docs", "nobody"])
+    _, err = capsys.readouterr()
+    assert rc == cli.ExitCode.CONFIG and err.count("\n") == 1 and "nobody" in err
+    rc = cli.main(["-i", ident, "share", "--store", url, "docs", "group:nope"])
+    _, err = capsys.readouterr()
+    assert rc == cli.ExitCode.CONFIG and "nope" in err
+
+
+def test_mount_target_from_proc_mounts(tmp_path) -> None:
+    from cssfs.cmd_share import Target, cssfs_mounts, mount_target, resolve_target
+
+    mnt = tmp_path / "my mnt"
+    (mnt / "docs" / "deep").mkdir(parents=True)
+    escaped = str(mnt).replace(" ", "\\040")
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "proc /proc proc rw 0 0\n"
+        f"cssfs:s3://bucket/pre {escaped} fuse.cssfs rw,nosuid 0 0\n"
+        f"other {escaped}/docs fuse.sshfs rw 0 0\n"
+    )
+    assert cssfs_mounts(str(mounts)) == [(str(mnt), "s3://bucket/pre")]
+    assert mount_target(str(mnt / "docs" / "deep"), str(mounts)) == Target(
+        "s3://bucket/pre", "docs/deep")
+    assert mount_target(str(mnt), str(mounts)) == Target("s3://bucket/pre", "")
+    assert mount_target(str(tmp_path), str(mounts)) is None
+    assert resolve_target(str(mnt / "docs"), None, str(mounts)) == Target(
+        "s3://bucket/pre", "docs")
+    assert resolve_target("s3://b/p", None, str(mounts)) == Target("s3://b/p", "")
+    assert resolve_target("x/y/", "s3://b", str(mounts)) == Target("s3://b", "x/y")
+    assert resolve_target("deep", str(mnt / "docs"), str(mounts)) == Target(
+        "s3://bucket/pre", "docs/deep")
