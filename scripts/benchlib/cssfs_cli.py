@@ -66,3 +66,9 @@ class CssfsCli:
 
     def decrypt(self, src: Path, dst: Path) -> list[str]:
         return self.argv("decrypt", str(src), str(dst))
+
+    def put(self, src: Path, bucket: str, key: str) -> list[str]:
+        return self.argv("put", str(src), f"s3://{bucket}/{key}")
+
+    def get(self, bucket: str, key: str, dst: Path) -> list[str]:
+        return self.argv("get", f"s3://{bucket}/{key}", str(dst))

@@ -151,7 +151,7 @@ class CssfsSystem(System):
 
     def _argv_env(self, mnt: Path, endpoint: str) -> tuple[list[str], dict[str, str]]:
         argv = self.cli.argv("mount", f"s3://{self.bucket}", str(mnt), "--foreground",
-                             *self.extra)
+                             "--endpoint-url", endpoint, "--path-style", *self.extra)
         return argv, self.cli.env(s3_env(endpoint))
 
     def _wait_uploaded(self, mount: Mount, paths: Sequence[Path],
@@ -175,10 +175,10 @@ class CssfsSystem(System):
         return secs
 
     def status(self) -> dict[str, Any] | None:
-        """`cssfs status MNT --json` if the command exists, else None."""
+        """`cssfs status MNT` (one JSON line) if the command exists, else None."""
         if not self.has_status or self.mount is None:
             return None
-        r = subprocess.run(self.cli.argv("status", "--json", str(self.mount.mountpoint)),
+        r = subprocess.run(self.cli.argv("status", str(self.mount.mountpoint)),
                            env=self.cli.env(), capture_output=True, stdin=subprocess.DEVNULL)
         if r.returncode != 0:
             return None
