@@ -52,12 +52,11 @@ from cssfs.errors import (
     UntrustedWriterError,
 )
 
-if TYPE_CHECKING:
-    from cssfs.keys import Identity
-
 # What register() receives: ``def register(commands: Subparsers) -> None``. (argparse's class is
 # generic only to type checkers.)
 if TYPE_CHECKING:
+    from cssfs.keys import Identity
+
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 else:
     Subparsers = argparse._SubParsersAction
@@ -70,7 +69,6 @@ PROG = "cssfs"
 # by other parts of the project and may not exist in a given checkout.
 COMMAND_MODULES = ("cmd_keys", "cmd_crypt", "cmd_store", "cmd_mount")
 OPTIONAL_COMMAND_MODULES = frozenset({"cmd_store", "cmd_mount"})
-
 
 
 class ExitCode(IntEnum):

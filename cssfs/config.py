@@ -11,6 +11,7 @@ message ever holds a passphrase or key material.
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
 import logging
 import os
@@ -125,13 +126,25 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, overwrite: bool 
         if overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)
-            os.unlink(tmp)
+            _link_new(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)  # fails with FileExistsError, atomically, if path exists
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links (vfat, some FUSE): check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def _fsync_dir(directory: Path) -> None:
