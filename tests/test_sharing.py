@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
+import uuid
 
 import pytest
 import trio
@@ -444,3 +446,68 @@ def test_mount_target_from_proc_mounts(tmp_path) -> None:
     assert resolve_target("x/y/", "s3://b", str(mounts)) == Target("s3://b", "x/y")
     assert resolve_target("deep", str(mnt / "docs"), str(mounts)) == Target(
         "s3://bucket/pre", "docs/deep")
+
+
+# -- on S3 (moto over HTTP): sharing a multi-MiB file uploads about a part, not the file -------
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from tests.support.s3server import S3Server
+
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    os.environ.update(_S3_ENV)
+    try:
+        with S3Server() as server:
+            yield server.endpoint_url
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.mark.s3
+async def test_share_on_s3_sends_header_not_payload(s3_endpoint) -> None:
+    import boto3
+
+    from cssfs.store.s3 import S3Store
+
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    await trio.to_thread.run_sync(
+        lambda: boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    )
+    store = S3Store(bucket, "pfx", endpoint_url=s3_endpoint, path_style=True)
+    try:
+        size = 12 * 1024 * 1024
+        data = os.urandom(1024) * (size // 1024)
+        await put_file(store, "d/big.bin", data)
+        await put_file(store, "d/small.txt", b"small")
+        obj = await store.head("d/big.bin")
+        s = Sharing(store, ALICE, ALICE_TRUST)
+        store.stats.reset()
+        report = await s.share("d", [BOB.recipient])
+        assert sorted(report.changed) == ["d/big.bin", "d/small.txt"]
+        sent = store.stats.bytes_sent
+        assert sent < 6 * 1024 * 1024 < obj.size // 2, sent  # the first part at most
+        assert store.stats.requests["upload_part_copy"] >= 1
+        assert await read_file(store, "d/big.bin", BOB) == data
+        # Unshare re-encrypts: everything goes up again, under a new file key.
+        store.stats.reset()
+        report = await s.unshare("d", [BOB.recipient])
+        assert sorted(report.changed) == ["d/big.bin", "d/small.txt"]
+        assert store.stats.bytes_sent >= obj.size
+        assert await read_file(store, "d/big.bin", ALICE) == data
+        with pytest.raises(NoIdentityMatchError):
+            await read_file(store, "d/big.bin", BOB)
+    finally:
+        await store.aclose()
