@@ -73,7 +73,7 @@ from cssfs.errors import (
     TruncatedError,
 )
 from cssfs.keys import Identity, Recipient, writer_fingerprint
-from cssfs.store.base import ObjectInfo, ObjectStore, PartSource
+from cssfs.store.base import Listing, ObjectInfo, ObjectStore, PartSource
 
 log = logging.getLogger(__name__)
 
@@ -365,17 +365,7 @@ class EncryptedStore:
     async def list(self, prefix: str = "", *, delimiter: str | None = "/") -> list[Entry]:
         """One LIST: objects with their plaintext size from the object size alone (no GET),
         foreign objects with ``plain_size=None``, and (with a delimiter) folders."""
-        listing = await self.store.list(prefix, delimiter)
-        entries = [
-            Entry(p, None, "", 0.0, is_dir=True) for p in listing.prefixes
-        ]
-        for obj in listing.objects:
-            entries.append(
-                Entry(obj.key, _plain_size_or_none(obj.size), obj.etag, obj.mtime,
-                      cipher_size=obj.size)
-            )
-        entries.sort(key=lambda e: e.key)
-        return entries
+        return entries_from_listing(await self.store.list(prefix, delimiter))
 
     async def header(self, key: str, etag: str | None = None) -> HeaderInfo:
         """What the header of ``key`` says, from one ranged GET, cached by (key, etag).
@@ -816,6 +806,17 @@ class EncryptedStore:
         except (FormatError, HeaderAuthError, SignatureError) as exc:
             log.warning("object %s: %s", src, exc)
             raise
+
+
+def entries_from_listing(listing: Listing) -> list[Entry]:
+    """A store listing as entries (folders first by key order, like the listing itself)."""
+    entries = [Entry(p, None, "", 0.0, is_dir=True) for p in listing.prefixes]
+    entries += [
+        Entry(o.key, _plain_size_or_none(o.size), o.etag, o.mtime, cipher_size=o.size)
+        for o in listing.objects
+    ]
+    entries.sort(key=lambda e: e.key)
+    return entries
 
 
 def _plain_size_or_none(cipher_size: int) -> int | None:
