@@ -295,7 +295,8 @@ def _change(args: argparse.Namespace, *, remove: bool) -> int:
     verb = "re-encrypted" if remove else "shared"
     print(f"{where}: {len(report.changed)} file(s) {verb}, {len(report.already)} already done, "
           f"{len(report.not_readable)} not encrypted for you (left alone), "
-          f"{len(report.failed)} failed")
+          f"{len(report.failed)} failed" + (
+              f", {len(report.foreign)} not cssfs files (left alone)" if report.foreign else ""))
     for key, why in sorted(report.policies_skipped.items()):
         print(f"policy {key} is not followed and was left alone: {why}")
     for key, ids in sorted(report.dropped.items()):

@@ -33,6 +33,7 @@ import trio
 
 from cssfs.envelope import (
     HEADER_SIZE,
+    MAGIC,
     EnvelopeWriter,
     Header,
     OpenedEnvelope,
@@ -85,6 +86,10 @@ REKEY_BATCH_CHUNKS = 16
 ATTEMPTS = 3
 
 
+class _NotEnvelope(Exception):
+    """An object that is not a cssfs envelope (by size or magic): left alone, not an error."""
+
+
 @dataclass(frozen=True)
 class ShareProgress:
     files_done: int
@@ -103,6 +108,7 @@ class ShareReport:
     changed: list[str] = field(default_factory=list)
     already: list[str] = field(default_factory=list)  # had (share) / lacked (unshare) the stanzas
     not_readable: list[str] = field(default_factory=list)  # not encrypted for us: left alone
+    foreign: list[str] = field(default_factory=list)  # not cssfs envelopes: left alone
     failed: dict[str, str] = field(default_factory=dict)  # key -> reason
     dropped: dict[str, list[str]] = field(default_factory=dict)  # key -> unknown key ids lost
     policies: list[str] = field(default_factory=list)  # policy objects written
@@ -419,9 +425,18 @@ class Sharing:
                 nursery.start_soon(task, obj)
 
     async def _read_header(self, key: str) -> tuple[Header, str]:
+        """The header of ``key`` and the ETag it was read under; _NotEnvelope for an object
+        that is not a cssfs envelope at all (a foreign file: nothing to share)."""
         info = await self.store.head(key)
-        plain_size(info.size)  # FormatError: not an envelope, by its size alone
-        return parse_header(await self.store.get(key, 0, HEADER_SIZE)), info.etag
+        try:
+            plain_size(info.size)
+            data = await self.store.get(key, 0, HEADER_SIZE)
+            if not data.startswith(MAGIC):
+                raise FormatError("no cssfs magic")
+        except FormatError as exc:
+            log.debug("object %s is not a cssfs envelope: %s", key, exc)
+            raise _NotEnvelope from None
+        return parse_header(data), info.etag
 
     def _file_failed(self, report: ShareReport, key: str, exc: CssfsError) -> None:
         log.warning("object %s: left unchanged: %s", key, exc)
@@ -489,6 +504,9 @@ class Sharing:
                 return  # deleted meanwhile: nothing to share
             except NoIdentityMatchError:
                 report.not_readable.append(key)
+                return
+            except _NotEnvelope:
+                report.foreign.append(key)
                 return
             except (FormatError, HeaderAuthError, SignatureError, ConfigError) as exc:
                 self._file_failed(report, key, exc)
@@ -594,6 +612,9 @@ class Sharing:
             except NoIdentityMatchError:
                 log.warning("object %s: not encrypted for you, so it cannot be rekeyed", key)
                 report.not_readable.append(key)
+                return
+            except _NotEnvelope:
+                report.foreign.append(key)
                 return
             except (FormatError, HeaderAuthError, SignatureError, PayloadError,
                     ConfigError) as exc:
@@ -707,7 +728,7 @@ class Sharing:
             header, _ = await self._read_header(key)
         except NoSuchObjectError:
             return FileAccess(key, None, "deleted", (), False)
-        except FormatError:
+        except (_NotEnvelope, FormatError):
             return FileAccess(key, None, "not an envelope", (), False)
         readers = tuple([await self._reader(kid) for kid in header.key_ids])
         readable = any(i.recipient.key_id in header.key_ids for i in self.identities)

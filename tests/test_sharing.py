@@ -6,7 +6,6 @@ import dataclasses
 import io
 import logging
 import os
-import uuid
 
 import pytest
 import trio
@@ -69,67 +68,68 @@ async def read_file(store: ObjectStore, key: str, identity: Identity) -> bytes:
 
 
 @pytest.fixture
-def store() -> MemoryStore:
+def mem() -> MemoryStore:
+    """A memory store with a prefix (policies name folders inside the bucket: "root/...")."""
     return MemoryStore("root")
 
 
-async def test_no_policy_uses_defaults(store: MemoryStore) -> None:
-    s = Sharing(store, ALICE, ALICE_TRUST, default_recipients=[DAVE.recipient])
+async def test_no_policy_uses_defaults(mem: MemoryStore) -> None:
+    s = Sharing(mem, ALICE, ALICE_TRUST, default_recipients=[DAVE.recipient])
     assert await s.resolve_recipients("a/b/c.txt") == [DAVE.recipient]
 
 
-async def test_policy_inherited_nearest_wins(store: MemoryStore) -> None:
-    await store.put(policy_key(""), make_policy(ALICE, "root", 1, [BOB.recipient]).to_bytes())
-    await store.put(policy_key("a/b"),
+async def test_policy_inherited_nearest_wins(mem: MemoryStore) -> None:
+    await mem.put(policy_key(""), make_policy(ALICE, "root", 1, [BOB.recipient]).to_bytes())
+    await mem.put(policy_key("a/b"),
                     make_policy(ALICE, "root/a/b", 1, [CAROL.recipient]).to_bytes())
-    s = Sharing(store, ALICE, ALICE_TRUST)
+    s = Sharing(mem, ALICE, ALICE_TRUST)
     assert await s.resolve_recipients("x.txt") == [BOB.recipient]
     assert await s.resolve_recipients("a/x.txt") == [BOB.recipient]
     assert await s.resolve_recipients("a/b/x.txt") == [CAROL.recipient]
     assert await s.resolve_recipients("a/b/c/d/x.txt") == [CAROL.recipient]
 
 
-async def test_untrusted_or_tampered_policy_not_followed(store: MemoryStore, caplog) -> None:
-    await store.put(policy_key(""), make_policy(ALICE, "root", 1, [BOB.recipient]).to_bytes())
+async def test_untrusted_or_tampered_policy_not_followed(mem: MemoryStore, caplog) -> None:
+    await mem.put(policy_key(""), make_policy(ALICE, "root", 1, [BOB.recipient]).to_bytes())
     # Carol (not Bob's contact) sets a policy for "a": Bob falls back to the root policy.
-    await store.put(policy_key("a"), make_policy(CAROL, "root/a", 1, [CAROL.recipient]).to_bytes())
-    bob = Sharing(store, BOB, BOB_TRUST)
+    await mem.put(policy_key("a"), make_policy(CAROL, "root/a", 1, [CAROL.recipient]).to_bytes())
+    bob = Sharing(mem, BOB, BOB_TRUST)
     with caplog.at_level(logging.WARNING, logger="cssfs.sharing"):
         assert await bob.resolve_recipients("a/x") == [BOB.recipient]
     assert "root/a/.cssfs-policy" in caplog.text or "a/.cssfs-policy" in caplog.text
     assert "not you or one of your contacts" in caplog.text
     # Tamper with the root policy: nothing followed, defaults apply.
-    data = await store.get(policy_key(""))
+    data = await mem.get(policy_key(""))
     forged = data.replace(b"version 1", b"version 2")
-    await store.put(policy_key(""), forged)
-    bob = Sharing(store, BOB, BOB_TRUST, default_recipients=[ALICE.recipient])
+    await mem.put(policy_key(""), forged)
+    bob = Sharing(mem, BOB, BOB_TRUST, default_recipients=[ALICE.recipient])
     with caplog.at_level(logging.WARNING, logger="cssfs.sharing"):
         assert await bob.resolve_recipients("a/x") == [ALICE.recipient]
     assert "signature does not verify" in caplog.text
 
 
-async def test_policy_from_another_folder_not_followed(store: MemoryStore, caplog) -> None:
+async def test_policy_from_another_folder_not_followed(mem: MemoryStore, caplog) -> None:
     data = make_policy(ALICE, "root/public", 1, [CAROL.recipient]).to_bytes()
-    await store.put(policy_key("private"), data)
-    s = Sharing(store, ALICE, ALICE_TRUST)
+    await mem.put(policy_key("private"), data)
+    s = Sharing(mem, ALICE, ALICE_TRUST)
     with caplog.at_level(logging.WARNING, logger="cssfs.sharing"):
         assert await s.resolve_recipients("private/x") == []
     assert "another folder" in caplog.text
 
 
-async def test_policy_rollback_not_followed(store: MemoryStore, caplog) -> None:
+async def test_policy_rollback_not_followed(mem: MemoryStore, caplog) -> None:
     v1 = make_policy(ALICE, "root/d", 1, [BOB.recipient]).to_bytes()
     v2 = make_policy(ALICE, "root/d", 2, [CAROL.recipient]).to_bytes()
-    await store.put(policy_key("d"), v2)
-    s = Sharing(store, ALICE, ALICE_TRUST, ttl=0.0)
+    await mem.put(policy_key("d"), v2)
+    s = Sharing(mem, ALICE, ALICE_TRUST, ttl=0.0)
     assert await s.resolve_recipients("d/x") == [CAROL.recipient]
-    await store.put(policy_key("d"), v1)  # the bucket serves an old, validly signed policy
+    await mem.put(policy_key("d"), v1)  # the bucket serves an old, validly signed policy
     with caplog.at_level(logging.WARNING, logger="cssfs.sharing"):
         assert await s.resolve_recipients("d/x") == []
     assert "older than version 2" in caplog.text
 
 
-async def test_share_reseals_headers_only_and_is_idempotent(store: MemoryStore) -> None:
+async def test_share_reseals_headers_only_and_is_idempotent(store: ObjectStore) -> None:
     big = bytes(range(256)) * 4096 * 3  # 3 MiB
     await put_file(store, "docs/big.bin", big)
     await put_file(store, "docs/sub/small.txt", b"hello")
@@ -161,13 +161,13 @@ async def test_share_reseals_headers_only_and_is_idempotent(store: MemoryStore) 
     assert again.policies == []
 
 
-async def test_share_resumes_after_interruption(store: MemoryStore) -> None:
+async def test_share_resumes_after_interruption(mem: MemoryStore) -> None:
     for i in range(6):
-        await put_file(store, f"d/f{i}", b"x" * i)
-    s = Sharing(store, ALICE, ALICE_TRUST)
+        await put_file(mem, f"d/f{i}", b"x" * i)
+    s = Sharing(mem, ALICE, ALICE_TRUST)
 
     calls = [0]
-    real = store.replace_head
+    real = mem.replace_head
 
     async def flaky(*args, **kwargs):
         calls[0] += 1
@@ -176,17 +176,17 @@ async def test_share_resumes_after_interruption(store: MemoryStore) -> None:
             raise Interrupted  # the run stops half-way, after this header was written
         return result
 
-    store.replace_head = flaky  # type: ignore[method-assign]
+    mem.replace_head = flaky  # type: ignore[method-assign]
     with pytest.raises(BaseExceptionGroup):
         await s.share("d", [BOB.recipient])
-    store.replace_head = real  # type: ignore[method-assign]
+    mem.replace_head = real  # type: ignore[method-assign]
     report = await s.share("d", [BOB.recipient])
     assert len(report.already) >= 1 and len(report.changed) + len(report.already) == 6
     for i in range(6):
-        assert await read_file(store, f"d/f{i}", BOB) == b"x" * i
+        assert await read_file(mem, f"d/f{i}", BOB) == b"x" * i
 
 
-async def test_share_skips_files_we_cannot_open(store: MemoryStore) -> None:
+async def test_share_skips_files_we_cannot_open(store: ObjectStore) -> None:
     await put_file(store, "d/carols", b"secret", writer=CAROL)
     await put_file(store, "d/mine", b"mine")
     report = await Sharing(store, ALICE, ALICE_TRUST).share("d", [BOB.recipient])
@@ -194,27 +194,27 @@ async def test_share_skips_files_we_cannot_open(store: MemoryStore) -> None:
     assert report.changed == ["d/mine"]
 
 
-async def test_share_concurrent_change_is_not_overwritten(store: MemoryStore) -> None:
-    await put_file(store, "d/f", b"v1")
-    s = Sharing(store, ALICE, ALICE_TRUST)
-    real_get = store.get
+async def test_share_concurrent_change_is_not_overwritten(mem: MemoryStore) -> None:
+    await put_file(mem, "d/f", b"v1")
+    s = Sharing(mem, ALICE, ALICE_TRUST)
+    real_get = mem.get
     changed = [False]
 
     async def get_then_change(key, start=0, end=None):
         data = await real_get(key, start, end)
         if key == "d/f" and end == HEADER_SIZE and not changed[0]:
             changed[0] = True
-            await put_file(store, "d/f", b"v2 by someone else")
+            await put_file(mem, "d/f", b"v2 by someone else")
         return data
 
-    store.get = get_then_change  # type: ignore[method-assign]
+    mem.get = get_then_change  # type: ignore[method-assign]
     report = await s.share("d", [BOB.recipient])
-    store.get = real_get  # type: ignore[method-assign]
+    mem.get = real_get  # type: ignore[method-assign]
     assert report.changed == ["d/f"]
-    assert await read_file(store, "d/f", BOB) == b"v2 by someone else"
+    assert await read_file(mem, "d/f", BOB) == b"v2 by someone else"
 
 
-async def test_unshare_rekeys(store: MemoryStore) -> None:
+async def test_unshare_rekeys(store: ObjectStore) -> None:
     data = bytes(range(256)) * 1000  # 250 KiB: several chunks
     await put_file(store, "d/a", data, recipients=(BOB.recipient, CAROL.recipient))
     await put_file(store, "d/b", b"b", recipients=(CAROL.recipient,))
@@ -240,7 +240,7 @@ async def test_unshare_rekeys(store: MemoryStore) -> None:
     assert again.changed == []
 
 
-async def test_unshare_all_files_shared_by_share(store: MemoryStore) -> None:
+async def test_unshare_all_files_shared_by_share(store: ObjectStore) -> None:
     for i in range(3):
         await put_file(store, f"d/{i}", b"z" * (70000 * i))
     s = Sharing(store, ALICE, ALICE_TRUST)
@@ -253,11 +253,11 @@ async def test_unshare_all_files_shared_by_share(store: MemoryStore) -> None:
             await read_file(store, f"d/{i}", BOB)
 
 
-async def test_unshare_resumes(store: MemoryStore) -> None:
+async def test_unshare_resumes(mem: MemoryStore) -> None:
     for i in range(5):
-        await put_file(store, f"d/{i}", b"q" * 1000, recipients=(BOB.recipient,))
-    s = Sharing(store, ALICE, ALICE_TRUST)
-    real = store.put
+        await put_file(mem, f"d/{i}", b"q" * 1000, recipients=(BOB.recipient,))
+    s = Sharing(mem, ALICE, ALICE_TRUST)
+    real = mem.put
     puts = [0]
 
     async def flaky(key, body, **kw):
@@ -268,51 +268,52 @@ async def test_unshare_resumes(store: MemoryStore) -> None:
                 raise Interrupted  # after this file was rekeyed
         return result
 
-    store.put = flaky  # type: ignore[method-assign]
+    mem.put = flaky  # type: ignore[method-assign]
     with pytest.raises(BaseExceptionGroup):
         await s.unshare("d", [BOB.recipient])
-    store.put = real  # type: ignore[method-assign]
+    mem.put = real  # type: ignore[method-assign]
     report = await s.unshare("d", [BOB.recipient])
     assert len(report.already) >= 1
     for i in range(5):
         with pytest.raises(NoIdentityMatchError):
-            await read_file(store, f"d/{i}", BOB)
+            await read_file(mem, f"d/{i}", BOB)
 
 
-async def test_unshare_unknown_recipient_is_reported(store: MemoryStore, caplog) -> None:
+async def test_unshare_unknown_recipient_is_reported(mem: MemoryStore, caplog) -> None:
     stranger = Identity.generate()
-    await put_file(store, "d/f", b"f", recipients=(BOB.recipient, stranger.recipient))
-    s = Sharing(store, ALICE, ALICE_TRUST)
+    await put_file(mem, "d/f", b"f", recipients=(BOB.recipient, stranger.recipient))
+    s = Sharing(mem, ALICE, ALICE_TRUST)
     with caplog.at_level(logging.WARNING, logger="cssfs.sharing"):
         report = await s.unshare("d", [BOB.recipient])
     assert report.dropped == {"d/f": [stranger.recipient.key_id.hex()]}
     assert "unknown keys lost access" in caplog.text
 
 
-async def test_cannot_unshare_yourself(store: MemoryStore) -> None:
+async def test_cannot_unshare_yourself(mem: MemoryStore) -> None:
     with pytest.raises(ConfigError):
-        await Sharing(store, ALICE, ALICE_TRUST).unshare("d", [ALICE.recipient])
+        await Sharing(mem, ALICE, ALICE_TRUST).unshare("d", [ALICE.recipient])
 
 
-async def test_share_updates_sub_folder_policies(store: MemoryStore) -> None:
-    s = Sharing(store, ALICE, ALICE_TRUST)
+async def test_share_updates_sub_folder_policies(mem: MemoryStore) -> None:
+    s = Sharing(mem, ALICE, ALICE_TRUST)
     await s.share("d/sub", [CAROL.recipient])
     await s.share("d", [BOB.recipient])
-    sub = parse_policy(await store.get(policy_key("d/sub")))
+    sub = parse_policy(await mem.get(policy_key("d/sub")))
     assert {r.key_id for r in sub.recipients} >= {BOB.recipient.key_id, CAROL.recipient.key_id}
     await s.unshare("d", [BOB.recipient])
-    sub = parse_policy(await store.get(policy_key("d/sub")))
+    sub = parse_policy(await mem.get(policy_key("d/sub")))
     assert BOB.recipient.key_id not in {r.key_id for r in sub.recipients}
     assert CAROL.recipient in await s.resolve_recipients("d/sub/x")
 
 
-async def test_access_names_readers(store: MemoryStore) -> None:
+async def test_access_names_readers(store: ObjectStore) -> None:
     stranger = Identity.generate()
     await put_file(store, "d/a", b"a", recipients=(stranger.recipient,))
     await put_file(store, "d/b", b"b", writer=stranger, recipients=(ALICE.recipient,))
     await store.put("d/junk", b"not an envelope")
     s = Sharing(store, ALICE, ALICE_TRUST)
-    await s.share("d", [BOB.recipient])
+    shared = await s.share("d", [BOB.recipient])
+    assert shared.foreign == ["d/junk"] and not shared.failed
     report = await s.access("d")
     assert report.applies is not None and report.applies.followed
     assert {r.name for r in report.readers} == {"me", "bob"}
@@ -328,9 +329,9 @@ async def test_access_names_readers(store: MemoryStore) -> None:
     assert files["d/junk"].signature == "not an envelope"
 
 
-async def test_signature_status(store: MemoryStore) -> None:
-    await put_file(store, "f", b"x", writer=BOB)
-    header = parse_header((await store.get("f"))[:HEADER_SIZE])
+async def test_signature_status(mem: MemoryStore) -> None:
+    await put_file(mem, "f", b"x", writer=BOB)
+    header = parse_header((await mem.get("f"))[:HEADER_SIZE])
     assert signature_status(header, ALICE_TRUST) == "valid"
     assert signature_status(header, trust_of(ALICE)) == "unknown writer"
     forged = dataclasses.replace(header, signature=bytes(64))
@@ -451,42 +452,11 @@ def test_mount_target_from_proc_mounts(tmp_path) -> None:
 # -- on S3 (moto over HTTP): sharing a multi-MiB file uploads about a part, not the file -------
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from tests.support.s3server import S3Server
-
-    saved = {k: os.environ.get(k) for k in _S3_ENV}
-    os.environ.update(_S3_ENV)
-    try:
-        with S3Server() as server:
-            yield server.endpoint_url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-_S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "test",
-    "AWS_SECRET_ACCESS_KEY": "test-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
 @pytest.mark.s3
-async def test_share_on_s3_sends_header_not_payload(s3_endpoint) -> None:
-    import boto3
-
+async def test_share_on_s3_sends_header_not_payload(s3_bucket) -> None:
     from cssfs.store.s3 import S3Store
 
-    bucket = f"t-{uuid.uuid4().hex[:12]}"
-    await trio.to_thread.run_sync(
-        lambda: boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    )
-    store = S3Store(bucket, "pfx", endpoint_url=s3_endpoint, path_style=True)
+    store = S3Store(s3_bucket.bucket, "pfx", endpoint_url=s3_bucket.endpoint, path_style=True)
     try:
         size = 12 * 1024 * 1024
         data = os.urandom(1024) * (size // 1024)
