@@ -45,6 +45,8 @@ from cssfs.store.base import MIN_PART_SIZE, ObjectStore
 CS = CHUNK_SIZE
 CANARY = b"CANARY-encstore-1b9e: plaintext that must never reach a log\n"
 BOUNDARY_SIZES = [0, 1, CS - 1, CS, CS + 1, 2 * CS + 500]
+# A damaged object is logged once at WARNING, naming it ("object KEY: what failed").
+tamper_logged = pytest.mark.expect_logs(r"^object \S+: ")
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +258,7 @@ async def test_flip_a_byte_in_chunk(
     assert len(out.getvalue()) <= bad * CS
 
 
+@tamper_logged
 async def test_swap_two_chunks(store: ObjectStore, me: Identity) -> None:
     data = await _sample(store, me)
     blob = bytearray(await raw(store, "t"))
@@ -268,6 +271,7 @@ async def test_swap_two_chunks(store: ObjectStore, me: Identity) -> None:
     assert exc.value.index == 0
 
 
+@tamper_logged
 async def test_append_bytes(store: ObjectStore, me: Identity) -> None:
     await _sample(store, me)
     await put_raw(store, "t", await raw(store, "t") + b"\0" * 48)
@@ -278,6 +282,7 @@ async def test_append_bytes(store: ObjectStore, me: Identity) -> None:
         await es_for(store, me).open("t")
 
 
+@tamper_logged
 async def test_truncate_drop_last_chunk(store: ObjectStore, me: Identity) -> None:
     data = await _sample(store, me)
     blob = await raw(store, "t")
@@ -294,6 +299,7 @@ async def test_truncate_drop_last_chunk(store: ObjectStore, me: Identity) -> Non
         await es_for(store, me).open("t")
 
 
+@tamper_logged
 async def test_flip_table_and_header(store: ObjectStore, me: Identity) -> None:
     data = await _sample(store, me)
     blob = await raw(store, "t")
@@ -310,6 +316,7 @@ async def test_flip_table_and_header(store: ObjectStore, me: Identity) -> None:
         await es_for(store, me).open("t")
 
 
+@tamper_logged
 async def test_swap_two_objects(store: ObjectStore, me: Identity) -> None:
     await _sample(store, me, "a")
     await _sample(store, me, "b")
@@ -324,6 +331,7 @@ async def test_swap_two_objects(store: ObjectStore, me: Identity) -> None:
         assert not info.readable and info.problem
 
 
+@tamper_logged
 async def test_copy_to_another_key(store: ObjectStore, me: Identity) -> None:
     await _sample(store, me, "orig")
     await store.copy("orig", "elsewhere")
@@ -333,6 +341,7 @@ async def test_copy_to_another_key(store: ObjectStore, me: Identity) -> None:
     assert (await es.open("orig")).size > 0
 
 
+@tamper_logged
 async def test_raw_plaintext_object_is_foreign(store: ObjectStore, me: Identity) -> None:
     await put_raw(store, "notes.txt", b"hello, not encrypted")
     await put_raw(store, "padded.txt", b"A" * envelope_size(0))  # a possible envelope size
@@ -413,6 +422,7 @@ async def test_sequential_reads_prefetch(memory_store: ObjectStore, me: Identity
         assert store.stats.requests["get"] - gets <= 6
 
 
+@tamper_logged
 async def test_readahead_errors_do_not_crash(memory_store: ObjectStore, me: Identity) -> None:
     store = memory_store
     data = pattern(20 * CS, 8)
@@ -531,6 +541,7 @@ async def test_delete_forgets_cache(store: ObjectStore, me: Identity) -> None:
     await es.delete("d")  # missing is fine
 
 
+@tamper_logged
 async def test_seal_to_file_rebind_and_upload(
     store: ObjectStore, me: Identity, tmp_path: Path
 ) -> None:
