@@ -31,11 +31,7 @@ def register(commands: Subparsers) -> None:
         "passphrase comes from --passphrase-file, else a prompt on a terminal; without a "
         "terminal the identity is not passphrase-protected.",
     )
-    p.add_argument("-o", "--output", metavar="FILE",
-                   help="where to write the identity (default: the -i path)")
-    p.add_argument("--force", action="store_true", help="replace an existing identity file")
-    p.add_argument("--no-passphrase", action="store_true",
-                   help="do not protect the identity with a passphrase")
+    _new_identity_options(p)
     p.set_defaults(func=_keygen)
 
     p = commands.add_parser(
@@ -65,11 +61,7 @@ def register(commands: Subparsers) -> None:
         "files are encrypted to) does not.",
     )
     p.add_argument("--pem", metavar="FILE", required=True, help="the X25519 PEM private key")
-    p.add_argument("-o", "--output", metavar="FILE",
-                   help="where to write the identity (default: the -i path)")
-    p.add_argument("--force", action="store_true", help="replace an existing identity file")
-    p.add_argument("--no-passphrase", action="store_true",
-                   help="do not protect the identity with a passphrase")
+    _new_identity_options(p)
     p.set_defaults(func=_import)
 
     p = commands.add_parser(
@@ -90,6 +82,14 @@ def register(commands: Subparsers) -> None:
     a = actions.add_parser("rm", help="remove a contact")
     a.add_argument("name", metavar="NAME")
     a.set_defaults(func=_contacts_rm)
+
+
+def _new_identity_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="where to write the identity (default: the -i path)")
+    p.add_argument("--force", action="store_true", help="replace an existing identity file")
+    p.add_argument("--no-passphrase", action="store_true",
+                   help="do not protect the identity with a passphrase")
 
 
 def _print_recipient(recipient: Recipient) -> None:
