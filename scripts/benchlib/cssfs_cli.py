@@ -51,6 +51,15 @@ class CssfsCli:
             env.update(extra)
         return env
 
+    def whoami(self) -> str:
+        """This identity's cssfs1... recipient string."""
+        r = subprocess.run(self.argv("whoami"), env=self.base_env, capture_output=True,
+                           stdin=subprocess.DEVNULL, cwd=self.repo, check=True)
+        for line in r.stdout.decode().splitlines():
+            if line.startswith("cssfs1"):
+                return line.strip()
+        raise BenchError("cssfs whoami printed no recipient string")
+
     def has_command(self, name: str) -> bool:
         r = subprocess.run(self.argv(name, "--help"), env=self.base_env, capture_output=True,
                            stdin=subprocess.DEVNULL, cwd=self.repo)

@@ -19,10 +19,10 @@ from benchlib.context import Ctx
 from benchlib.report import Report, environment
 from benchlib.runner import BenchError, Cleanup, Interrupted, log
 
-SUITES = ("crypto", "store", "mount", "rclone")
+SUITES = ("crypto", "store", "mount", "rclone", "share")
 # `all`: the rclone suite runs every mount-suite workload on cssfs too (plus rsync), with the
 # same limits, so running `mount` as well would only measure the same figures twice.
-ALL = ("crypto", "store", "rclone")
+ALL = ("crypto", "store", "rclone", "share")
 
 
 def _suite(name: str) -> Callable[[Ctx], None]:
@@ -42,6 +42,10 @@ def _suite(name: str) -> Callable[[Ctx], None]:
         from benchlib import suite_fs
 
         return suite_fs.run_rclone
+    if name == "share":
+        from benchlib import suite_share
+
+        return suite_share.run
     raise SystemExit(f"unknown suite {name!r}")
 
 
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(see docs/PERFORMANCE.md).",
     )
     p.add_argument("suite", choices=(*SUITES, "all"),
-                   help="crypto (issue 2), store (3), mount (4), rclone (7), or all of them")
+                   help="crypto (issue 2), store (3), mount (4), rclone (7), share (5), or all")
     p.add_argument("--quick", action="store_true",
                    help="small sizes, 1 run: checks that the harness works, not a result")
     p.add_argument("--runs", type=int, default=None,
