@@ -37,7 +37,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO, Generic, Literal, TypeVar
@@ -317,10 +317,16 @@ class EncryptedStore:
         header_cache_entries: int = 1024,
         open_cache_entries: int = 64,
         header_concurrency: int = 16,
+        identities: Sequence[Identity] = (),
+        recipients_for: Callable[[str], Awaitable[Sequence[Recipient]]] | None = None,
     ) -> None:
         self.store = store
         self.identity = identity
         self.recipients = tuple(recipients)
+        # Sharing hooks (cssfs.sharing, docs/SHARING.md): more identities to open headers with
+        # (group keys), and the recipients of a new file by its key (its folder's policy).
+        self.identities = (identity, *identities)
+        self.recipients_for = recipients_for
         self.cache = cache if cache is not None else ChunkCache(0)
         self.cpu_limiter = cpu_limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1))
         self.readahead_bytes = readahead_bytes
@@ -422,7 +428,7 @@ class EncryptedStore:
         problem: str | None = None
         not_for_us = False
         try:
-            opened = open_header(header, self.identity, binding=self.binding_for(key))
+            opened = self._open_header(header, self.binding_for(key))
         except NoIdentityMatchError as exc:
             problem, not_for_us = str(exc), True
         except (HeaderAuthError, SignatureError) as exc:
@@ -478,7 +484,7 @@ class EncryptedStore:
             header = parse_header(parts["header"])
             info, _ = self._header_info(key, etag, parts["header"])
             self._headers.put((key, etag), info)
-            opened = open_header(header, self.identity, binding=self.binding_for(key))
+            opened = self._open_header(header, self.binding_for(key))
             check_envelope_size(header.plain_size, cipher_size)
             opened.load_table(parts["table"])
         except NoIdentityMatchError:
@@ -634,9 +640,31 @@ class EncryptedStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _writer(self, key: str, mtime_ns: int | None, mode: int) -> EnvelopeWriter:
+    def _open_header(self, header: Header | bytes, binding: bytes | None) -> OpenedEnvelope:
+        """open_header with the first of our identities (own, then groups) the header names."""
+        parsed = header if isinstance(header, Header) else parse_header(header)
+        first: HeaderAuthError | None = None
+        for identity in self.identities:
+            if identity.recipient.key_id in parsed.key_ids:
+                try:
+                    return open_header(parsed, identity, binding=binding)
+                except HeaderAuthError as exc:  # key-id collision or tampering: try the next
+                    first = first or exc
+        if first is not None:
+            raise first
+        raise NoIdentityMatchError("the file is not encrypted for this identity")
+
+    async def recipients_of(self, key: str) -> Sequence[Recipient]:
+        """Who a new envelope at ``key`` is for (besides us): the hook, else ``recipients``."""
+        if self.recipients_for is None:
+            return self.recipients
+        return await self.recipients_for(key)
+
+    def _writer(
+        self, key: str, mtime_ns: int | None, mode: int, recipients: Sequence[Recipient]
+    ) -> EnvelopeWriter:
         return EnvelopeWriter(
-            self.identity, self.recipients, binding=self.binding_for(key),
+            self.identity, recipients, binding=self.binding_for(key),
             mtime_ns=time.time_ns() if mtime_ns is None else mtime_ns, mode=mode & 0o7777,
         )
 
@@ -658,7 +686,8 @@ class EncryptedStore:
         with the header part uploaded last, so memory stays a few parts whatever the size.
         ``if_match``/``if_none_match``: the store's conditional put (PreconditionFailedError).
         """
-        sealer = _Sealer(self._writer(key, mtime_ns, mode), source)
+        recipients = await self.recipients_of(key)
+        sealer = _Sealer(self._writer(key, mtime_ns, mode, recipients), source)
         update = getattr(progress, "update", None)
         result = await self._upload(
             key, sealer, if_match, if_none_match, update if callable(update) else None
@@ -711,9 +740,10 @@ class EncryptedStore:
         )
         binding = self.binding_for(key)
         mtime = time.time_ns() if mtime_ns is None else mtime_ns
+        recipients = await self.recipients_of(key)
         await trio.to_thread.run_sync(
             lambda: encrypt_stream(
-                src, dst, self.identity, self.recipients,
+                src, dst, self.identity, recipients,
                 binding=binding, mtime_ns=mtime, mode=mode & 0o7777,
             ),
             limiter=self.cpu_limiter,
@@ -742,7 +772,7 @@ class EncryptedStore:
         Synchronous and cheap (one X25519 unwrap, one HMAC).
         """
         old = None if old_key is None else self.binding_for(old_key)
-        opened = open_header(header, self.identity, binding=old)
+        opened = self._open_header(header, old)
         return opened.reseal(binding=self.binding_for(new_key))
 
     async def rebind_file(
