@@ -481,3 +481,32 @@ async def test_share_on_s3_sends_header_not_payload(s3_bucket) -> None:
             await read_file(store, "d/big.bin", BOB)
     finally:
         await store.aclose()
+
+
+# -- the EncryptedStore hooks the mount uses ------------------------------------------------------
+
+
+async def test_encstore_hooks_policy_recipients_and_group_identities(mem: MemoryStore) -> None:
+    from cssfs.encstore import EncryptedStore
+    from cssfs.groups import Groups
+
+    alice_trust = ALICE_TRUST
+    await Groups(mem, ALICE, alice_trust).create("team", [BOB.recipient])
+    sharing = await Sharing.load(mem, ALICE, alice_trust)
+    await sharing.share("shared", [CAROL.recipient], groups=["team"])
+    es = EncryptedStore(mem, ALICE, recipients_for=sharing.resolve_recipients)
+    await es.put("shared/new.txt", b"for the folder")
+    await es.put("private/own.txt", b"for me")
+    head = parse_header((await mem.get("shared/new.txt"))[:HEADER_SIZE])
+    team = await sharing.group_recipient("team")
+    assert team is not None
+    assert set(head.key_ids) == {ALICE.recipient.key_id, CAROL.recipient.key_id, team.key_id}
+    head = parse_header((await mem.get("private/own.txt"))[:HEADER_SIZE])
+    assert head.key_ids == (ALICE.recipient.key_id,)
+    # Bob reads through the group key he holds, not through a stanza of his own.
+    bob_sharing = await Sharing.load(mem, BOB, BOB_TRUST)
+    bob = EncryptedStore(mem, BOB, identities=[g.identity for g in bob_sharing.group_identities])
+    f = await bob.open("shared/new.txt")
+    assert await f.read(0, 100) == b"for the folder"
+    with pytest.raises(NoIdentityMatchError):
+        await bob.open("private/own.txt")
