@@ -337,9 +337,10 @@ class Sharing:
             found = await self._lookup(folder, fresh=True)
             verdict = found.verdict
             if verdict is not None and not verdict.followed:
-                report.policies_skipped[policy_key(folder)] = verdict.problem or "not followed"
                 if not create:
+                    report.policies_skipped[policy_key(folder)] = verdict.problem or "?"
                     return
+                log.info("replacing policy %s, which is not followed", policy_key(folder))
             if verdict is not None and verdict.followed and verdict.policy is not None:
                 base: Policy | None = verdict.policy
             elif create:

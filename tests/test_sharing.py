@@ -510,3 +510,18 @@ async def test_encstore_hooks_policy_recipients_and_group_identities(mem: Memory
     assert await f.read(0, 100) == b"for the folder"
     with pytest.raises(NoIdentityMatchError):
         await bob.open("private/own.txt")
+
+
+@pytest.mark.expect_logs("not followed")
+async def test_share_replaces_a_tampered_policy_of_the_folder(mem: MemoryStore) -> None:
+    s = Sharing(mem, ALICE, ALICE_TRUST)
+    await s.share("d", [BOB.recipient])
+    data = await mem.get(policy_key("d"))
+    await mem.put(policy_key("d"), data.replace(b"version 1", b"version 7"))  # forged
+    report = await s.share("d", [CAROL.recipient])
+    assert report.policies == [policy_key("d")] and not report.policies_skipped
+    policy = parse_policy(await mem.get(policy_key("d")))
+    policy.verify()
+    assert policy.version == 8  # above the forged version: no reader can prefer the forgery
+    # Only what Alice chose: the forged policy's contents were not inherited.
+    assert {r.key_id for r in policy.recipients} == {ALICE.recipient.key_id, CAROL.recipient.key_id}
