@@ -471,22 +471,14 @@ class EncryptedStore:
 
     async def _open_state(self, key: str, etag: str, cipher_size: int) -> _OpenState:
         try:
-            size = plain_size(cipher_size)
-            table_off, table_len = table_range(size)
-            parts: dict[str, bytes] = {}
-
-            async def fetch(name: str, start: int, end: int) -> None:
-                parts[name] = await self.store.get(key, start, end)
-
-            async with _nursery() as nursery:
-                nursery.start_soon(fetch, "header", 0, HEADER_SIZE)
-                nursery.start_soon(fetch, "table", table_off, table_off + table_len)
-            header = parse_header(parts["header"])
-            info, _ = self._header_info(key, etag, parts["header"])
+            header_bytes, table = await self._fetch_header_and_table(key, cipher_size)
+            header = parse_header(header_bytes)
+            info, _ = self._header_info(key, etag, header_bytes)
             self._headers.put((key, etag), info)
             opened = self._open_header(header, self.binding_for(key))
             check_envelope_size(header.plain_size, cipher_size)
-            opened.load_table(parts["table"])
+            assert table is not None  # the size was possible, so it matches the header's
+            opened.load_table(table)
         except NoIdentityMatchError:
             log.debug("object %s: not encrypted for this identity", key)
             raise
@@ -494,6 +486,29 @@ class EncryptedStore:
             log.warning("object %s: %s", key, exc)
             raise
         return _OpenState(key, etag, cipher_size, opened, info)
+
+    async def _fetch_header_and_table(
+        self, key: str, cipher_size: int
+    ) -> tuple[bytes, bytes | None]:
+        """The header and (in parallel) the chunk table where the object size puts it. For a
+        size no envelope can have, only the header: if it authenticates, its plaintext size
+        tells whether the object was truncated or extended; if not, it is foreign."""
+        try:
+            size = plain_size(cipher_size)
+        except FormatError:
+            if cipher_size < HEADER_SIZE:
+                raise
+            return await self.store.get(key, 0, HEADER_SIZE), None
+        table_off, table_len = table_range(size)
+        parts: dict[str, bytes] = {}
+
+        async def fetch(name: str, start: int, end: int) -> None:
+            parts[name] = await self.store.get(key, start, end)
+
+        async with _nursery() as nursery:
+            nursery.start_soon(fetch, "header", 0, HEADER_SIZE)
+            nursery.start_soon(fetch, "table", table_off, table_off + table_len)
+        return parts["header"], parts["table"]
 
     async def _chunks(
         self, state: _OpenState, indexes: range, *, use_cache: bool = True
