@@ -186,14 +186,16 @@ class Sharing:
     """Folder policies and share/unshare/access over one store (see the module docstring).
 
     ``identity`` signs; ``group_identities`` (from Groups.load_identities) are tried too when a
-    header must be opened. ``default_recipients`` apply where no policy is followed.
+    header must be opened. ``default_recipients`` apply where no policy is followed. ``trust`` may
+    be a callable giving the current Trust (a long-running mount re-reads the contacts book):
+    it is called whenever a policy or group record is fetched again.
     """
 
     def __init__(
         self,
         store: ObjectStore,
         identity: Identity,
-        trust: Trust,
+        trust: Trust | Callable[[], Trust],
         *,
         group_identities: Sequence[GroupIdentity] = (),
         default_recipients: Sequence[Recipient] = (),
@@ -203,8 +205,9 @@ class Sharing:
     ) -> None:
         self.store = store
         self.identity = identity
-        self.trust = trust
-        self.groups = Groups(store, identity, trust)
+        self._trust_source = trust
+        self.trust = trust if isinstance(trust, Trust) else trust()
+        self.groups = Groups(store, identity, self.trust)
         self.group_identities = tuple(group_identities)
         self.identities = (identity, *(g.identity for g in self.group_identities))
         self.default_recipients = tuple(default_recipients)
@@ -219,10 +222,12 @@ class Sharing:
 
     @classmethod
     async def load(
-        cls, store: ObjectStore, identity: Identity, trust: Trust, **kwargs: object
+        cls, store: ObjectStore, identity: Identity, trust: Trust | Callable[[], Trust],
+        **kwargs: object,
     ) -> Sharing:
         """A Sharing with every group key we hold loaded (one LIST + one GET per group)."""
-        group_identities = await Groups(store, identity, trust).load_identities()
+        now = trust if isinstance(trust, Trust) else trust()
+        group_identities = await Groups(store, identity, now).load_identities()
         return cls(store, identity, trust, group_identities=group_identities, **kwargs)  # type: ignore[arg-type]
 
     # -- names ------------------------------------------------------------------------------
@@ -237,6 +242,10 @@ class Sharing:
 
     # -- policies ---------------------------------------------------------------------------
 
+    def _refresh_trust(self) -> None:
+        if not isinstance(self._trust_source, Trust):
+            self.trust = self.groups.trust = self._trust_source()
+
     def forget_policies(self) -> None:
         """Drop cached policies and group keys (after a change, or on demand)."""
         self._policies.clear()
@@ -248,6 +257,7 @@ class Sharing:
         if found is not None and not fresh and found.expires > now:
             return found
         key = policy_key(folder)
+        self._refresh_trust()
         try:
             info = await self.store.head(key)
             data = await self.store.get(key)
@@ -293,6 +303,7 @@ class Sharing:
         if cached is not None and cached[0] > now:
             return cached[1]
         recipient: Recipient | None
+        self._refresh_trust()
         try:
             recipient = await self.groups.recipient(name)
         except ConfigError:  # logged by Groups.record

@@ -525,3 +525,13 @@ async def test_share_replaces_a_tampered_policy_of_the_folder(mem: MemoryStore) 
     assert policy.version == 8  # above the forged version: no reader can prefer the forgery
     # Only what Alice chose: the forged policy's contents were not inherited.
     assert {r.key_id for r in policy.recipients} == {ALICE.recipient.key_id, CAROL.recipient.key_id}
+
+
+@pytest.mark.expect_logs("not you or one of your contacts")
+async def test_trust_source_is_read_again_when_policies_are(mem: MemoryStore) -> None:
+    await mem.put(policy_key("d"), make_policy(ALICE, "root/d", 1, [ALICE.recipient]).to_bytes())
+    current = [trust_of(BOB)]  # Bob does not know Alice yet
+    bob = Sharing(mem, BOB, lambda: current[0], ttl=0.0)
+    assert await bob.resolve_recipients("d/x") == []
+    current[0] = BOB_TRUST  # he adds her to his contacts while mounted
+    assert await bob.resolve_recipients("d/x") == [ALICE.recipient]
