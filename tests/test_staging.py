@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -162,7 +163,9 @@ async def test_truncate_to_same_size_is_a_change(tmp_path: Path) -> None:
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-async def test_random_ops_match_a_bytearray(tmp_path, base_size, budget_bytes, ops) -> None:
+async def test_random_ops_match_a_bytearray(
+    tmp_path: Path, base_size: int | None, budget_bytes: int, ops: list[Any]
+) -> None:
     budget = StagingBudget(tmp_path, budget_bytes)
     base = None if base_size is None else BytesBase(pattern(base_size, 5))
     model = bytearray(base.data if base else b"")

@@ -1,0 +1,1425 @@
+"""journal: closed files waiting for upload -- durable, encrypted, uploaded in the background.
+
+What it knows: the mount's journal directory (``<state_dir>/journal/``), envelope files sealed by
+EncryptedStore, their headers (to reseal them for a new key, mtime or mode, and to read them
+back), the raw ObjectStore (HEAD and the first 4096 bytes of an object, to tell our own
+envelopes from somebody else's), trio. What it must not know: FUSE, inodes, boto3, plaintext on
+disk -- everything it writes is ciphertext, and a crash leaves nothing but ciphertext behind.
+docs/WRITES.md is the long version of this docstring, with the on-disk format.
+
+The model. The journal is a set of *records*, each one sidecar file ``<seq>.json`` (seq: a
+counter, so replay keeps the order of events) and usually one envelope file ``<seq>.env``. A
+record asks for up to two kinds of store operations, and in memory each becomes an *op*:
+
+* a **put**: the envelope must end up under ``key``, written conditionally: If-Match the
+  version we expect there, or If-None-Match for a new file;
+* **deletes** (``cleanup``): after the put lands (or at once, for a tombstone record without a
+  put), ``key`` must be removed -- the old name after a rename, a file unlinked while its upload
+  was pending.
+
+Ops on one key run strictly in order (a queue per key); at most one per key is in flight, and a
+new put on a key *supersedes* every queued (not yet started) op on it. What may be overwritten
+or deleted is an *expectation*: ETags we know of, plus the salts of our own envelopes (read from
+the object's header), so an op never destroys a version it has not seen -- a put that meets a
+stranger keeps both (the conflict copy), a delete that meets one leaves it. Because of this an op
+can always be repeated: replay after a crash re-runs every record, and an upload that had landed
+before the crash is recognised by its salt.
+
+Invariants the ``await`` points keep (all state changes happen under ``_mutex``; the uploads and
+store calls themselves run outside it):
+
+* every op is in exactly one key queue until it is DONE or DROPPED; the queue's first op is the
+  only one that may be RUNNING; an op with a ``gate`` starts only after the gate is finished;
+* a RUNNING op is never changed: rename/set_attrs/commit/unlink mark it *obsolete* and queue new
+  ops behind it (an obsolete put makes no conflict copy and is not retried);
+* the envelope file is read by at most one RUNNING put at a time (ops sharing it are gated on
+  each other); its header is rewritten only under the mutex, after the new header is saved in
+  the sidecar (a redo record: a torn header write is repaired at replay);
+* a record's files are removed only when its put has landed (or was superseded/unlinked) and its
+  deletes are done; a sidecar is replaced atomically (write, fsync, rename, fsync directory).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import io
+import json
+import logging
+import math
+import os
+import random
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Literal, cast
+
+import trio
+
+from cssfs.encstore import EncryptedStore
+from cssfs.envelope import (
+    CHUNK_SIZE,
+    HEADER_SIZE,
+    OpenedEnvelope,
+    check_envelope_size,
+    chunk_range,
+    chunks_for,
+    open_header,
+    parse_header,
+    table_range,
+)
+from cssfs.errors import (
+    CssfsError,
+    FormatError,
+    JournalError,
+    NoSuchObjectError,
+    PreconditionFailedError,
+    StoreError,
+    StoreUnavailableError,
+)
+from cssfs.staging import PlainFile
+from cssfs.store.base import ObjectInfo
+
+log = logging.getLogger(__name__)
+
+FORMAT = "cssfs-journal-1"
+DEFAULT_MAX_UPLOADS = 4
+#: A new commit waits this long before its upload starts, so that the utimes/chmod/rename that
+#: tools like rsync do right after close() reseal the local file instead of re-uploading it.
+DEFAULT_SETTLE_S = 0.5
+MAX_BACKOFF_S = 60.0
+MAX_BACKOFF_PERMANENT_S = 300.0
+_MAX_RECHECKS = 5
+_INLINE_CHUNKS = 2
+
+QUEUED: Literal["queued"] = "queued"
+RUNNING: Literal["running"] = "running"
+DONE: Literal["done"] = "done"
+DROPPED: Literal["dropped"] = "dropped"
+State = Literal["queued", "running", "done", "dropped"]
+
+
+# -- public data ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PendingInfo:
+    """A closed file not yet in the store, as getattr/readdir should show it."""
+
+    key: str
+    size: int
+    mtime_ns: int
+    mode: int
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """What the listing cache learns when a pending file lands in the store."""
+
+    key: str
+    etag: str
+    size: int  # plaintext bytes
+    cipher_size: int
+    mtime_ns: int
+    mode: int
+
+
+@dataclass
+class JournalStats:
+    """Counters for ``cssfs status`` and tests."""
+
+    pending: int = 0  # files waiting for upload (queued or in flight)
+    pending_bytes: int = 0  # their plaintext bytes
+    deleting: int = 0  # store deletes waiting (old names after renames, unlinks)
+    in_flight: int = 0
+    uploaded: int = 0
+    bytes_uploaded: int = 0  # envelope bytes
+    deleted: int = 0
+    conflicts: int = 0
+    broken: int = 0
+    failures: dict[str, str] = field(default_factory=dict)  # key -> last error, still waiting
+    conflict_copies: list[tuple[str, str]] = field(default_factory=list)  # (key, copy key)
+
+
+def conflict_name(key: str, when: datetime, writer: str, n: int = 0) -> str:
+    """Where our version of ``key`` goes when the store holds a version we did not see.
+
+    ``dir/report.txt`` -> ``dir/report.conflict-20240131-235959-ab12.txt`` (UTC time of the
+    conflict, first 4 hex digits of the writer's fingerprint; ``-2``, ``-3``... if taken).
+    A name without an extension (or a dotfile) gets the tag at the end.
+    """
+    folder, _, name = key.rpartition("/")
+    stem, dot, ext = name.rpartition(".")
+    tag = f"conflict-{when:%Y%m%d-%H%M%S}-{writer}" + (f"-{n + 1}" if n else "")
+    new = f"{stem}.{tag}.{ext}" if dot and stem else f"{name}.{tag}"
+    return f"{folder}/{new}" if folder else new
+
+
+# -- internals --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Expect:
+    """What may be under a key before an op runs: known ETags, our envelopes' salts, and the
+    ETag to try first (None: try If-None-Match)."""
+
+    etags: set[str] = field(default_factory=set)
+    salts: set[bytes] = field(default_factory=set)
+    hint: str | None = None
+
+    def merge(self, other: _Expect) -> None:
+        self.etags |= other.etags
+        self.salts |= other.salts
+
+    def copy(self) -> _Expect:
+        return _Expect(set(self.etags), set(self.salts), self.hint)
+
+    @property
+    def anything(self) -> bool:
+        """Whether some earlier version may exist under the key."""
+        return bool(self.etags or self.salts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "etags": sorted(self.etags),
+            "salts": sorted(s.hex() for s in self.salts),
+            "hint": self.hint,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> _Expect:
+        if not isinstance(data, dict):
+            raise ValueError("expect is not an object")
+        etags = data["etags"]
+        salts = data["salts"]
+        hint = data["hint"]
+        if not isinstance(etags, list) or not isinstance(salts, list):
+            raise ValueError("bad expect lists")
+        if not all(isinstance(e, str) for e in etags) or not all(isinstance(s, str) for s in salts):
+            raise ValueError("bad expect lists")
+        if hint is not None and not isinstance(hint, str):
+            raise ValueError("bad hint")
+        return cls(set(etags), {bytes.fromhex(s) for s in salts}, hint)
+
+
+@dataclass(eq=False)
+class _Envelope:
+    """One local envelope file and what its header says now."""
+
+    path: Path
+    salt: bytes
+    size: int  # plaintext
+    cipher_size: int
+    binding: bytes
+    mtime_ns: int
+    mode: int
+
+
+@dataclass(eq=False)
+class _Op:
+    kind: Literal["put", "delete"]
+    key: str
+    expect: _Expect
+    record: _Record
+    env: _Envelope | None = None  # put only
+    mtime_ns: int = 0  # put: what the header must say when it is uploaded
+    mode: int = 0o644
+    gate: _Op | None = None
+    state: State = QUEUED
+    obsolete: bool = False
+    attempted: bool = False  # an upload was tried (it may have landed) -- or we cannot know
+    ready_at: float = 0.0
+    not_before: float = 0.0
+    failures: int = 0
+    error: BaseException | None = None
+    conflict_of: str | None = None
+    conflict_n: int = 0
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (DONE, DROPPED)
+
+    def signal(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+@dataclass(eq=False)
+class _Record:
+    """One sidecar (and its envelope file): a put and/or deletes that must reach the store."""
+
+    seq: int
+    env: _Envelope | None
+    put: _Op | None = None
+    cleanup: list[_Op] = field(default_factory=list)
+    header_redo: bytes | None = None
+    users: int = 0  # RUNNING puts reading the envelope file
+    removed: bool = False
+
+
+@dataclass(frozen=True)
+class _Current:
+    etag: str
+    salt: bytes | None
+
+
+class _ThreadReader(io.RawIOBase):
+    """A blocking reader over an async PlainFile, for encrypt_stream in a trio worker thread."""
+
+    def __init__(self, source: PlainFile) -> None:
+        self._source = source
+        self._size = source.size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self._size - self._pos)
+        if n <= 0:
+            return 0
+        data = trio.from_thread.run(self._source.read, self._pos, n)
+        if not data:
+            return 0
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+class PendingFile:
+    """A closed-but-not-uploaded file, read back (and verified) from its local envelope.
+
+    Holds its own descriptor, so it keeps working when the journal reseals the header (only
+    the header changes) or removes the file after the upload. Close it when done.
+    """
+
+    def __init__(
+        self, key: str, f: BinaryIO, opened: OpenedEnvelope, mtime_ns: int, mode: int
+    ) -> None:
+        self.key = key
+        self._f = f
+        self._opened = opened
+        self.mtime_ns = mtime_ns  # what the upload will say (set_attrs may be ahead of the file)
+        self.mode = mode
+        self.etag: str | None = None
+
+    def __repr__(self) -> str:
+        return f"PendingFile(size={self.size})"
+
+    @property
+    def size(self) -> int:
+        """Plaintext size in bytes."""
+        return self._opened.header.plain_size
+
+    def _read_sync(self, indexes: range) -> list[bytes]:
+        size = self.size
+        first_off, _ = chunk_range(indexes.start, size)
+        last_off, last_len = chunk_range(indexes.stop - 1, size)
+        blob = os.pread(self._f.fileno(), last_off + last_len - first_off, first_off)
+        view = memoryview(blob)
+        out = []
+        for i in indexes:
+            off, length = chunk_range(i, size)
+            out.append(self._opened.open_chunk(i, view[off - first_off : off - first_off + length]))
+        return out
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Plaintext [offset, offset + size), clipped at the end; every chunk authenticated."""
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        indexes = chunks_for(offset, size, self.size)
+        if not indexes:
+            return b""
+        if len(indexes) <= _INLINE_CHUNKS:
+            chunks = self._read_sync(indexes)
+        else:
+            chunks = await trio.to_thread.run_sync(self._read_sync, indexes)
+        first = indexes.start * CHUNK_SIZE
+        end = min(offset + size, self.size)
+        return b"".join(chunks)[offset - first : end - first]
+
+    def close(self) -> None:
+        self._f.close()
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+# -- the journal ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What a new op replacing whatever ``key`` will hold must do to the key's queue."""
+
+    expect: _Expect
+    drop: list[_Op]  # queued ops it supersedes
+    obsolete: list[_Op]  # running puts whose bytes it replaces
+    running: list[_Op]  # every running op on the key (the new op waits behind them)
+
+
+class Journal:
+    """Closed files, durable in ``<state_dir>/journal/``, uploaded in the background by run().
+
+    ``on_uploaded(Uploaded)`` is called when a pending file has landed, ``on_deleted(key)``
+    when the journal removed an object (old name after a rename, unlink); both synchronously
+    from the uploader, so they must not block. ``settle_s``: how long a new commit waits before
+    its upload starts (see DEFAULT_SETTLE_S); flush() skips the wait. Call replay() once at
+    mount start (before or after run() starts).
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        encstore: EncryptedStore,
+        *,
+        max_uploads: int = DEFAULT_MAX_UPLOADS,
+        settle_s: float = DEFAULT_SETTLE_S,
+        on_uploaded: Callable[[Uploaded], None] | None = None,
+        on_deleted: Callable[[str], None] | None = None,
+    ) -> None:
+        if max_uploads < 1:
+            raise ValueError("max_uploads must be at least 1")
+        self.directory = Path(state_dir) / "journal"
+        self.broken_dir = self.directory / "broken"
+        self._enc = encstore
+        self._store = encstore.store
+        self._identity = encstore.identity
+        self._writer_tag = self._identity.recipient.fingerprint.replace("-", "")[:4]
+        self.max_uploads = max_uploads
+        self.settle_s = settle_s
+        self.on_uploaded = on_uploaded
+        self.on_deleted = on_deleted
+        self._mutex = trio.Lock()
+        self._queues: dict[str, list[_Op]] = {}
+        self._records: dict[int, _Record] = {}
+        self._running = 0
+        self._wakeup = trio.Event()
+        self._sealing: dict[str, int] = {}
+        self._sealing_done = trio.Event()
+        self._stats = JournalStats()
+        self._replayed = False
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._next_seq = self._scan_max_seq() + 1
+        except OSError as exc:
+            raise JournalError(
+                f"cannot use the journal directory {self.directory}: {exc.strerror}", exc.errno
+            ) from exc
+
+    def __repr__(self) -> str:
+        return f"Journal({str(self.directory)!r}, records={len(self._records)})"
+
+    # -- files ----------------------------------------------------------------------------
+
+    def _scan_max_seq(self) -> int:
+        top = 0
+        for name in os.listdir(self.directory):
+            stem = name.split(".", 1)[0]
+            if stem.isdigit():
+                top = max(top, int(stem))
+        return top
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def _sidecar_path(self, seq: int) -> Path:
+        return self.directory / f"{seq:016d}.json"
+
+    def _env_path(self, seq: int) -> Path:
+        return self.directory / f"{seq:016d}.env"
+
+    def _sidecar(self, record: _Record, dropping: Iterable[_Op] = ()) -> dict[str, Any]:
+        """The sidecar of ``record`` as it will be once ``dropping`` are dropped."""
+        gone = set(map(id, dropping))
+        put = record.put if record.put is not None and id(record.put) not in gone else None
+        cleanup = [
+            {"key": op.key, "expect": op.expect.to_json()}
+            for op in record.cleanup
+            if not op.finished and id(op) not in gone and (put is None or op.key != put.key)
+        ]
+        data: dict[str, Any] = {
+            "format": FORMAT,
+            "seq": record.seq,
+            "env": record.env.path.name if record.env is not None else None,
+            "put": None,
+            "cleanup": cleanup,
+        }
+        if put is not None:
+            assert record.env is not None
+            data["put"] = {
+                "key": put.key,
+                "size": record.env.size,
+                "mtime_ns": put.mtime_ns,
+                "mode": put.mode,
+                "expect": put.expect.to_json(),
+                "base_etag": put.expect.hint if put.expect.hint is not None else "absent",
+                "conflict_of": put.conflict_of,
+            }
+        if record.header_redo is not None:
+            data["header"] = base64.b64encode(record.header_redo).decode("ascii")
+        return data
+
+    def _write_sidecar_sync(self, seq: int, data: dict[str, Any]) -> None:
+        path = self._sidecar_path(seq)
+        tmp = path.with_name(path.name + ".tmp")
+        body = json.dumps(data, sort_keys=True).encode("utf-8")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._fsync_dir()
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def _persist(self, record: _Record, dropping: Iterable[_Op] = ()) -> None:
+        """Write the record's sidecar durably (caller holds the mutex); JournalError."""
+        if record.removed:
+            return
+        data = self._sidecar(record, dropping)
+        try:
+            await trio.to_thread.run_sync(self._write_sidecar_sync, record.seq, data)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot write journal entry {record.seq}: {exc.strerror}", exc.errno
+            ) from exc
+
+    async def _settle(self, record: _Record) -> None:
+        """Bring a record's files in line after some of its ops finished: remove them when
+        all is done, or rewrite the sidecar when only deletes remain. Never raises: a stale
+        sidecar is safe (every op can be repeated), it only costs work after a crash."""
+        if record.removed or record.users:
+            return
+        live = [op for op in record.cleanup if not op.finished]
+        try:
+            if record.put is None and not live:
+                record.removed = True
+                self._records.pop(record.seq, None)
+                await trio.to_thread.run_sync(self._remove_record_sync, record)
+            elif record.put is None and record.env is not None:
+                await self._persist(record)
+        except (OSError, JournalError) as exc:
+            log.warning("journal: could not tidy entry %d: %s", record.seq, exc)
+
+    def _remove_record_sync(self, record: _Record) -> None:
+        _unlink_quietly(self._sidecar_path(record.seq))  # the sidecar first: no orphan record
+        if record.env is not None:
+            _unlink_quietly(record.env.path)
+
+    # -- queues ---------------------------------------------------------------------------
+
+    def _queue(self, key: str) -> list[_Op]:
+        return self._queues.setdefault(key, [])
+
+    def _unqueue(self, op: _Op) -> _Op | None:
+        """Take ``op`` out of its key's queue; the op that followed it, if any."""
+        q = self._queues.get(op.key)
+        if q is None or op not in q:
+            return None
+        i = q.index(op)
+        q.pop(i)
+        nxt = q[i] if i < len(q) else None
+        if not q:
+            del self._queues[op.key]
+        return nxt
+
+    def _visible_put(self, key: str) -> _Op | None:
+        q = self._queues.get(key)
+        if not q:
+            return None
+        last = q[-1]
+        if last.kind == "put" and not last.obsolete and not last.finished:
+            return last
+        return None
+
+    def _plan(self, key: str, base: _Expect) -> _Plan:
+        """How a new op can replace whatever ``key`` will hold (changes nothing).
+
+        Every op on the key now, queued or running, may leave something there: the new op's
+        expectation covers them all. Its first guess (``hint``) is the oldest dropped op's, or
+        ``base``'s; if something is running, the running op's result sets it later.
+        """
+        plan = _Plan(base.copy(), [], [], [])
+        first = True
+        for op in self._queues.get(key, ()):
+            plan.expect.merge(op.expect)
+            if op.kind == "put" and op.env is not None:
+                plan.expect.salts.add(op.env.salt)
+            if op.state == RUNNING:
+                plan.running.append(op)
+                if op.kind == "put":
+                    plan.obsolete.append(op)
+            elif op.state == QUEUED:
+                if first and not plan.running:
+                    plan.expect.hint = op.expect.hint
+                first = False
+                plan.drop.append(op)
+        if plan.running:
+            plan.expect.hint = None
+        return plan
+
+    async def _apply(self, plan: _Plan) -> None:
+        for op in plan.obsolete:
+            op.obsolete = True
+        for op in plan.drop:
+            self._drop(op)
+        seen: set[int] = set()
+        for op in plan.drop:
+            if op.record.seq not in seen:
+                seen.add(op.record.seq)
+                await self._settle(op.record)
+
+    def _drop(self, op: _Op, error: BaseException | None = None) -> None:
+        """Forget a queued op (superseded, unlinked, or its record is damaged)."""
+        self._unqueue(op)
+        op.state = DROPPED
+        op.error = error
+        if op.record.put is op:
+            op.record.put = None
+        op.signal()
+        self._kick()
+
+    # -- commit ---------------------------------------------------------------------------
+
+    async def commit(
+        self,
+        key: str,
+        staged: PlainFile,
+        *,
+        mtime_ns: int,
+        mode: int,
+        base_etag: str | None,
+    ) -> PendingInfo:
+        """Make the closed file ``key`` durable here and queue it for upload.
+
+        ``staged``: its contents (a StagedFile; anything with ``size`` and async ``read``).
+        ``base_etag``: the store version the writer's view started from, None for a new file;
+        when the journal already holds work for ``key``, what it knows wins. After this
+        returns, the file survives kill -9 and power loss (envelope file, sidecar and
+        directory are fsynced). JournalError (with errno) if the journal cannot be written;
+        nothing journaled before is affected.
+        """
+        self._sealing[key] = self._sealing.get(key, 0) + 1
+        try:
+            tmp: Path | None = self.directory / f"seal-{secrets.token_hex(8)}.tmp"
+            assert tmp is not None
+            env = await self._seal(tmp, key, staged, mtime_ns, mode)
+            try:
+                async with self._mutex:
+                    seq = self._take_seq()
+                    path = self._env_path(seq)
+                    base = _Expect({base_etag} if base_etag else set(), set(), base_etag)
+                    plan = self._plan(key, base)
+                    record = _Record(seq, env)
+                    op = _Op(
+                        "put", key, plan.expect, record, env=env, mtime_ns=env.mtime_ns,
+                        mode=env.mode, ready_at=trio.current_time() + self.settle_s,
+                    )
+                    record.put = op
+                    try:
+                        await trio.to_thread.run_sync(os.replace, tmp, path)
+                    except OSError as exc:
+                        raise JournalError(
+                            f"cannot write the journal for {key}: {exc.strerror}", exc.errno
+                        ) from exc
+                    env.path = path
+                    tmp = path
+                    await self._persist(record)  # the commit point
+                    tmp = None
+                    self._records[seq] = record
+                    self._queue(key).append(op)
+                    await self._apply(plan)
+                    self._kick()
+            finally:
+                if tmp is not None:
+                    await trio.to_thread.run_sync(_unlink_quietly, tmp)
+            log.debug("journal: committed entry %d (%d bytes)", seq, env.size)
+            return PendingInfo(key, env.size, env.mtime_ns, env.mode)
+        finally:
+            self._sealing[key] -= 1
+            if not self._sealing[key]:
+                del self._sealing[key]
+            self._sealing_done.set()
+            self._sealing_done = trio.Event()
+
+    async def _seal(
+        self, path: Path, key: str, staged: PlainFile, mtime_ns: int, mode: int
+    ) -> _Envelope:
+        """Encrypt ``staged`` into a new envelope file at ``path`` and fsync it."""
+        try:
+            f = await trio.to_thread.run_sync(_create_exclusive, path)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot write the journal for {key}: {exc.strerror}", exc.errno
+            ) from exc
+        ok = False
+        try:
+            reader = cast(BinaryIO, _ThreadReader(staged))
+            try:
+                await self._enc.seal_to_file(key, reader, f, mtime_ns=mtime_ns, mode=mode)
+                head, cipher_size = await trio.to_thread.run_sync(_finish_env_file, f)
+            except OSError as exc:
+                raise JournalError(
+                    f"cannot write the journal for {key}: {exc.strerror}", exc.errno
+                ) from exc
+            header = parse_header(head)
+            check_envelope_size(header.plain_size, cipher_size)
+            ok = True
+            return _Envelope(
+                path, header.salt, header.plain_size, cipher_size, header.binding,
+                header.mtime_ns, header.mode,
+            )
+        finally:
+            f.close()
+            if not ok:
+                await trio.to_thread.run_sync(_unlink_quietly, path)
+
+    async def _wait_sealing(self, *keys: str) -> None:
+        while any(k in self._sealing for k in keys):
+            await self._sealing_done.wait()
+
+    # -- what the mount sees --------------------------------------------------------------
+
+    def pending(self, key: str) -> PendingInfo | None:
+        """The closed-but-not-uploaded file ``key``, or None."""
+        op = self._visible_put(key)
+        if op is None:
+            return None
+        assert op.env is not None
+        return PendingInfo(key, op.env.size, op.mtime_ns, op.mode)
+
+    def pending_under(self, prefix: str) -> dict[str, PendingInfo]:
+        """Every pending file whose key starts with ``prefix``, at any depth (a folder that
+        exists only through pending files shows up as the prefix of a longer key)."""
+        out: dict[str, PendingInfo] = {}
+        for key in self._queues:
+            if key.startswith(prefix):
+                info = self.pending(key)
+                if info is not None:
+                    out[key] = info
+        return out
+
+    def is_hidden(self, key: str) -> bool:
+        """Whether ``key`` is on its way out of the store (renamed away, unlinked, replaced):
+        a listing must not show it even though the store may still have it."""
+        q = self._queues.get(key)
+        if not q:
+            return False
+        last = q[-1]
+        return last.kind == "delete" or last.obsolete
+
+    def hidden_under(self, prefix: str) -> set[str]:
+        """Keys under ``prefix`` that listings must hide (see is_hidden)."""
+        return {k for k in self._queues if k.startswith(prefix) and self.is_hidden(k)}
+
+    async def open_pending(self, key: str) -> PendingFile | None:
+        """The pending file ``key`` opened for reading, or None if it is not pending. It can be
+        the base of a new StagedFile."""
+        async with self._mutex:  # no header reseal is half-written while we read the header
+            op = self._visible_put(key)
+            if op is None:
+                return None
+            assert op.env is not None
+            f, opened = await trio.to_thread.run_sync(self._open_env_sync, op.env.path)
+        return PendingFile(key, f, opened, op.mtime_ns, op.mode)
+
+    def _open_env_sync(self, path: Path) -> tuple[BinaryIO, OpenedEnvelope]:
+        f = open(path, "rb")  # noqa: SIM115 -- owned by the PendingFile
+        try:
+            opened = open_header(f.read(HEADER_SIZE), self._identity)
+            check_envelope_size(opened.header.plain_size, os.fstat(f.fileno()).st_size)
+            off, length = table_range(opened.header.plain_size)
+            opened.load_table(os.pread(f.fileno(), length, off))
+        except BaseException:
+            f.close()
+            raise
+        return f, opened
+
+    # -- rename, unlink, attributes ------------------------------------------------------
+
+    async def rename(self, src: str, dst: str, *, dst_etag: str | None = None) -> bool:
+        """Rename a pending file.
+
+        True if ``src`` was pending: the journal then makes ``dst`` hold exactly the bytes of
+        src's last close and removes whatever of ``src`` is or gets into the store -- also when
+        src's upload is in flight. False if ``src`` is not pending: the caller renames in the
+        store; anything pending for ``dst`` has been dropped or has finished by then.
+        ``dst_etag``: the version of ``dst`` in the store as far as the caller knows (None:
+        none); the journal overwrites only that, or what it knows better.
+        """
+        if src == dst:
+            return self.pending(src) is not None
+        await self._wait_sealing(src, dst)
+        async with self._mutex:
+            op = self._visible_put(src)
+            if op is not None:
+                await self._rename_pending(op, src, dst, dst_etag)
+                return True
+            plan = self._plan(dst, _Expect())
+            plan.drop = [o for o in plan.drop if o.kind == "put"]  # deletes are conditional
+            await self._apply(plan)
+        for running in plan.running:
+            while not running.finished and running.state == RUNNING:
+                await running.changed.wait()
+        return False
+
+    async def _rename_pending(self, op: _Op, src: str, dst: str, dst_etag: str | None) -> None:
+        record, env = op.record, op.env
+        assert env is not None
+        plan = self._plan(dst, _Expect({dst_etag} if dst_etag else set(), set(), dst_etag))
+        earlier_running = any(
+            o.state == RUNNING and o is not op for o in self._queues.get(src, ())
+        )
+        old = op.expect.copy()
+        old.salts.add(env.salt)
+        old.hint = None
+        saved = (op.key, op.expect, record.put, list(record.cleanup))
+        if op.state == QUEUED:
+            target = op
+            op.key, op.expect = dst, plan.expect
+            need_delete = bool(
+                old.etags or earlier_running or op.attempted or _has_salts_of_others(old, env)
+            )
+        else:  # in flight: it lands under src, then a second put moves the bytes to dst
+            target = _Op(
+                "put", dst, plan.expect, record, env=env, mtime_ns=op.mtime_ns, mode=op.mode,
+                gate=op, ready_at=op.ready_at,
+            )
+            record.put = target
+            need_delete = True
+        delete = _Op("delete", src, old, record, gate=target) if need_delete else None
+        if delete is not None:
+            record.cleanup.append(delete)
+        try:
+            await self._persist(record, plan.drop)
+        except BaseException:
+            op.key, op.expect, record.put, record.cleanup = saved
+            raise
+        if target is op:
+            op.key = src  # so that _unqueue finds it
+            self._unqueue(op)
+            op.key = dst
+        else:
+            op.obsolete = True
+        self._queue(dst).append(target)
+        if delete is not None:
+            self._queue(src).append(delete)
+        await self._apply(plan)
+        self._kick()
+
+    async def unlink(self, key: str) -> bool:
+        """Remove ``key`` if the journal holds work for it: True, and the journal deletes
+        whatever of it is or gets into the store (after an in-flight upload lands). False:
+        nothing pending; the caller deletes in the store."""
+        await self._wait_sealing(key)
+        async with self._mutex:
+            q = self._queues.get(key)
+            if not q:
+                return False
+            if q[-1].kind == "delete":
+                return True
+            plan = self._plan(key, _Expect())
+            if plan.running or plan.expect.anything:
+                record = _Record(self._take_seq(), None)
+                delete = _Op("delete", key, plan.expect, record)
+                record.cleanup.append(delete)
+                await self._persist(record)
+                self._records[record.seq] = record
+                self._queue(key).append(delete)
+            await self._apply(plan)
+            self._kick()
+            return True
+
+    async def set_attrs(
+        self, key: str, *, mtime_ns: int | None = None, mode: int | None = None
+    ) -> bool:
+        """Change the mtime/mode a pending file will be uploaded with: its header is resealed
+        before the upload (if the upload is in flight, it is repeated). False if not pending."""
+        await self._wait_sealing(key)
+        async with self._mutex:
+            op = self._visible_put(key)
+            if op is None:
+                return False
+            new_mtime = op.mtime_ns if mtime_ns is None else mtime_ns
+            new_mode = op.mode if mode is None else mode & 0o7777
+            if (new_mtime, new_mode) == (op.mtime_ns, op.mode):
+                return True
+            record = op.record
+            if op.state == QUEUED:
+                saved = (op.mtime_ns, op.mode)
+                op.mtime_ns, op.mode = new_mtime, new_mode
+                try:
+                    await self._persist(record)
+                except BaseException:
+                    op.mtime_ns, op.mode = saved
+                    raise
+            else:
+                assert op.env is not None
+                expect = op.expect.copy()
+                expect.salts.add(op.env.salt)
+                expect.hint = None
+                again = _Op(
+                    "put", key, expect, record, env=op.env, mtime_ns=new_mtime, mode=new_mode,
+                    gate=op,
+                )
+                record.put = again
+                try:
+                    await self._persist(record)
+                except BaseException:
+                    record.put = op
+                    raise
+                op.obsolete = True
+                self._queue(key).append(again)
+            self._kick()
+            return True
+
+    # -- flush and stats ------------------------------------------------------------------
+
+    async def flush(self, key: str | None = None) -> None:
+        """Wait until ``key`` (or everything pending now) has reached the store.
+
+        Skips the settle delay and any retry back-off. Raises the error of an upload attempt
+        that fails meanwhile (StoreUnavailableError while the store is down, AccessDeniedError,
+        JournalError for a damaged entry); the entries stay journaled and are retried.
+        """
+        async with self._mutex:
+            if key is None:
+                targets = [op for q in self._queues.values() for op in q]
+            else:
+                targets = list(self._queues.get(key, ()))
+            closure: list[_Op] = []
+            for first in targets:
+                o: _Op | None = first
+                while o is not None and not o.finished and o not in closure:
+                    closure.append(o)
+                    o = o.gate
+            for o in closure:
+                o.ready_at = 0.0
+                o.not_before = 0.0
+            self._kick()
+        for o in closure:
+            failures = o.failures
+            while not o.finished:
+                await o.changed.wait()
+                if o.failures > failures and o.error is not None:
+                    raise o.error
+            if o.error is not None:
+                raise o.error
+
+    def stats(self) -> JournalStats:
+        """A snapshot of the counters."""
+        s = self._stats
+        puts = [r.put for r in self._records.values() if r.put is not None]
+        return JournalStats(
+            pending=len(puts),
+            pending_bytes=sum(op.env.size for op in puts if op.env is not None),
+            deleting=sum(1 for q in self._queues.values() for op in q if op.kind == "delete"),
+            in_flight=self._running,
+            uploaded=s.uploaded,
+            bytes_uploaded=s.bytes_uploaded,
+            deleted=s.deleted,
+            conflicts=s.conflicts,
+            broken=s.broken,
+            failures=dict(s.failures),
+            conflict_copies=list(s.conflict_copies),
+        )
+
+    # -- replay ---------------------------------------------------------------------------
+
+    async def replay(self) -> int:
+        """Queue every record found in the journal directory (once, at mount start).
+
+        Leftovers of a crash in the middle of a commit -- a sealed file without a sidecar, a
+        sidecar's temporary file -- are deleted: commit had not returned, so nobody was told
+        the file was safe (the writer's close failed or never finished). A damaged record
+        (unreadable sidecar, envelope that does not open for us or has the wrong size) is
+        moved to ``journal/broken/`` and logged; the others are still queued. Returns the
+        number of records queued.
+        """
+        async with self._mutex:
+            if self._replayed:
+                return 0
+            self._replayed = True
+            loaded = await trio.to_thread.run_sync(self._load_all, set(self._records))
+            for record, put, cleanup in loaded:
+                self._records[record.seq] = record
+                if put is not None:
+                    plan = self._plan(put.key, put.expect)
+                    put.expect = plan.expect
+                    record.put = put
+                    self._queue(put.key).append(put)
+                    await self._apply(plan)
+                for op in cleanup:
+                    op.gate = put
+                    record.cleanup.append(op)
+                    self._queue(op.key).append(op)
+                if put is None and not cleanup:
+                    await self._settle(record)
+            self._kick()
+            count = len(loaded)
+        if count:
+            log.info("journal: %d entries to upload from an earlier session", count)
+        return count
+
+    def _load_all(self, known: set[int]) -> list[tuple[_Record, _Op | None, list[_Op]]]:
+        names = sorted(os.listdir(self.directory))
+        referenced = {f"{seq:016d}.env" for seq in known}
+        out: list[tuple[_Record, _Op | None, list[_Op]]] = []
+        for name in names:
+            if name.endswith(".tmp"):
+                _unlink_quietly(self.directory / name)
+                continue
+            if not name.endswith(".json"):
+                continue
+            stem = name.split(".", 1)[0]
+            if stem.isdigit() and int(stem) in known:
+                continue
+            try:
+                loaded = self._load_record(self.directory / name)
+            except (OSError, ValueError, KeyError, TypeError, CssfsError) as exc:
+                self._move_broken_sync(name, exc)
+                continue
+            if loaded[0].env is not None:
+                referenced.add(loaded[0].env.path.name)
+            out.append(loaded)
+        for name in names:
+            if name.endswith(".env") and name not in referenced:
+                path = self.directory / name
+                if path.exists():
+                    log.info("journal: discarding %s, left by a commit that did not finish", name)
+                    _unlink_quietly(path)
+        return out
+
+    def _load_record(self, path: Path) -> tuple[_Record, _Op | None, list[_Op]]:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError("not a journal sidecar of this version")
+        seq = data["seq"]
+        if not isinstance(seq, int) or path.name != f"{seq:016d}.json":
+            raise ValueError("sidecar name and sequence number differ")
+        record = _Record(seq, None)
+        if data.get("header") is not None:
+            record.header_redo = base64.b64decode(data["header"], validate=True)
+            if len(record.header_redo) != HEADER_SIZE:
+                raise ValueError("bad header redo record")
+        if data["env"] is not None:
+            if data["env"] != f"{seq:016d}.env":
+                raise ValueError("sidecar names another entry's envelope file")
+            record.env = self._check_env(self.directory / data["env"], record.header_redo)
+        put: _Op | None = None
+        put_data = data["put"]
+        if put_data is not None:
+            env = record.env
+            if env is None:
+                raise ValueError("a put without an envelope file")
+            key = put_data["key"]
+            if not isinstance(key, str) or not key:
+                raise ValueError("bad key")
+            if put_data["size"] != env.size:
+                raise ValueError("sidecar size and envelope size differ")
+            mtime_ns, mode = put_data["mtime_ns"], put_data["mode"]
+            if not isinstance(mtime_ns, int) or not isinstance(mode, int):
+                raise ValueError("bad mtime or mode")
+            put = _Op(
+                "put", key, _Expect.from_json(put_data["expect"]), record, env=env,
+                mtime_ns=mtime_ns, mode=mode & 0o7777, attempted=True,
+            )
+            conflict_of = put_data.get("conflict_of")
+            if isinstance(conflict_of, str):
+                put.conflict_of = conflict_of
+        cleanup: list[_Op] = []
+        for item in data["cleanup"]:
+            key = item["key"]
+            if not isinstance(key, str) or not key:
+                raise ValueError("bad cleanup key")
+            if put is not None and key == put.key:
+                continue  # never delete what this very record uploads
+            cleanup.append(_Op("delete", key, _Expect.from_json(item["expect"]), record))
+        return record, put, cleanup
+
+    def _check_env(self, path: Path, redo: bytes | None) -> _Envelope:
+        with open(path, "r+b") as f:
+            head = f.read(HEADER_SIZE)
+            if redo is not None and head != redo:
+                os.pwrite(f.fileno(), redo, 0)  # finish a header reseal cut short by a crash
+                os.fsync(f.fileno())
+                head = redo
+            opened = open_header(head, self._identity)
+            size = os.fstat(f.fileno()).st_size
+        h = opened.header
+        check_envelope_size(h.plain_size, size)
+        return _Envelope(path, h.salt, h.plain_size, size, h.binding, h.mtime_ns, h.mode)
+
+    def _move_broken_sync(self, sidecar_name: str, exc: BaseException) -> None:
+        self._stats.broken += 1
+        stem = sidecar_name.split(".", 1)[0]
+        log.warning(
+            "journal: entry %s is damaged (%s: %s); moved to %s",
+            stem, type(exc).__name__, exc, self.broken_dir,
+        )
+        self.broken_dir.mkdir(exist_ok=True, mode=0o700)
+        for name in (f"{stem}.json", f"{stem}.env"):
+            with _ignore_missing():
+                os.replace(self.directory / name, self.broken_dir / name)
+
+    # -- the uploader ---------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        self._wakeup.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The uploader: starts ready ops, at most ``max_uploads`` at once, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                self._wakeup = trio.Event()
+                async with self._mutex:
+                    deadline = self._start_ready(nursery)
+                with trio.move_on_at(deadline):
+                    await self._wakeup.wait()
+
+    def _start_ready(self, nursery: trio.Nursery) -> float:
+        now = trio.current_time()
+        deadline = math.inf
+        heads = sorted(
+            (q[0] for q in self._queues.values() if q and q[0].state == QUEUED),
+            key=lambda op: op.record.seq,
+        )
+        for op in heads:
+            if self._running >= self.max_uploads:
+                break
+            if op.gate is not None and not op.gate.finished:
+                continue
+            when = max(op.ready_at, op.not_before)
+            if when > now:
+                deadline = min(deadline, when)
+                continue
+            op.state = RUNNING
+            self._running += 1
+            if op.kind == "put":
+                op.record.users += 1
+            nursery.start_soon(self._run_op, op)
+        return deadline
+
+    async def _run_op(self, op: _Op) -> None:
+        try:
+            if op.kind == "put":
+                await self._run_put(op)
+            else:
+                await self._run_delete(op)
+        except Exception as exc:  # never let one entry take the mount down
+            log.exception("journal: internal error on entry %d", op.record.seq)
+            async with self._mutex:
+                if op.state == RUNNING:
+                    await self._attempt_failed(op, exc)
+        finally:
+            self._running -= 1
+            self._kick()
+
+    async def _run_put(self, op: _Op) -> None:
+        async with self._mutex:
+            if op.obsolete:  # renamed or replaced before it started: nothing in flight yet
+                op.record.users -= 1
+                self._finish_unlanded(op)
+                await self._settle(op.record)
+                return
+            try:
+                await self._reseal_if_needed(op)
+            except JournalError as exc:
+                await self._attempt_failed(op, exc)
+                return
+            except (OSError, CssfsError) as exc:
+                await self._break(op.record, exc)
+                return
+            op.attempted = True
+        try:
+            result = await self._upload(op)
+        except (StoreError, OSError) as exc:
+            async with self._mutex:
+                await self._attempt_failed(op, exc)
+            return
+        async with self._mutex:
+            if isinstance(result, ObjectInfo):
+                await self._landed(op, result)
+            else:
+                await self._conflict(op)
+
+    async def _reseal_if_needed(self, op: _Op) -> None:
+        env, record = op.env, op.record
+        assert env is not None
+        binding = self._enc.binding_for(op.key)
+        if (env.binding, env.mtime_ns, env.mode) == (binding, op.mtime_ns, op.mode):
+            return
+        head = await trio.to_thread.run_sync(_read_head, env.path)
+        new = open_header(head, self._identity).reseal(
+            binding=binding, mtime_ns=op.mtime_ns, mode=op.mode
+        )
+        record.header_redo = new
+        await self._persist(record)  # the redo record first: a torn write is repaired at replay
+        try:
+            await trio.to_thread.run_sync(_write_head, env.path, new)
+        except OSError as exc:
+            raise JournalError(f"cannot reseal journal entry {record.seq}", exc.errno) from exc
+        env.binding, env.mtime_ns, env.mode = binding, op.mtime_ns, op.mode
+
+    async def _current(self, key: str, expect: _Expect) -> tuple[_Current | None, bool]:
+        """(what is under ``key`` now, whether ``expect`` allows replacing or deleting it)."""
+        try:
+            info = await self._store.head(key)
+        except NoSuchObjectError:
+            return None, True
+        if info.etag in expect.etags:
+            return _Current(info.etag, None), True
+        try:
+            salt: bytes | None = parse_header(await self._store.get(key, 0, HEADER_SIZE)).salt
+        except (FormatError, NoSuchObjectError):
+            salt = None
+        return _Current(info.etag, salt), salt is not None and salt in expect.salts
+
+    async def _upload(self, op: _Op) -> ObjectInfo | _Current:
+        """Put the envelope under op.key conditionally; the stranger's version on conflict."""
+        env = op.env
+        assert env is not None
+        expect = op.expect.copy()
+        expect.salts.add(env.salt)
+        hint = op.expect.hint
+        for _ in range(_MAX_RECHECKS):
+            try:
+                if hint is None:
+                    return await self._enc.put_envelope_file(op.key, env.path, if_none_match=True)
+                return await self._enc.put_envelope_file(op.key, env.path, if_match=hint)
+            except (PreconditionFailedError, NoSuchObjectError):
+                current, ours = await self._current(op.key, expect)
+                if current is None:
+                    hint = None
+                elif ours:
+                    hint = current.etag
+                else:
+                    return current
+        raise StoreUnavailableError(f"{op.key}: the object kept changing during the upload")
+
+    async def _landed(self, op: _Op, info: ObjectInfo) -> None:
+        env, record = op.env, op.record
+        assert env is not None
+        op.state = DONE
+        op.error = None
+        record.users -= 1
+        self._stats.uploaded += 1
+        self._stats.bytes_uploaded += env.cipher_size
+        self._stats.failures.pop(op.key, None)
+        nxt = self._unqueue(op)
+        if nxt is not None:
+            nxt.expect.etags.add(info.etag)
+            nxt.expect.hint = info.etag
+        if record.put is op:
+            record.put = None
+        log.debug("journal: entry %d uploaded (%d bytes)", record.seq, env.cipher_size)
+        if not op.obsolete and self.on_uploaded is not None:
+            self.on_uploaded(
+                Uploaded(op.key, info.etag, env.size, env.cipher_size, op.mtime_ns, op.mode)
+            )
+        op.signal()
+        await self._settle(record)
+        self._kick()
+
+    async def _conflict(self, op: _Op) -> None:
+        """Somebody else's version is under op.key: keep ours next to it (a conflict copy)."""
+        record, env = op.record, op.env
+        assert env is not None
+        record.users -= 1
+        if op.obsolete:  # a newer op carries these bytes elsewhere: nothing to keep here
+            self._finish_unlanded(op)
+            await self._settle(record)
+            return
+        original = op.conflict_of or op.key
+        n = op.conflict_n + 1 if op.conflict_of else 0
+        copy_key = conflict_name(original, datetime.now(UTC), self._writer_tag, n)
+        plan = self._plan(copy_key, _Expect())
+        saved = (op.key, op.expect, op.conflict_of, op.conflict_n)
+        op.key, op.expect, op.conflict_of, op.conflict_n = copy_key, plan.expect, original, n
+        try:
+            await self._persist(record, plan.drop)
+        except JournalError as exc:
+            op.key, op.expect, op.conflict_of, op.conflict_n = saved
+            op.state = QUEUED
+            await self._attempt_failed_queued(op, exc)
+            return
+        op.key = saved[0]
+        nxt = self._unqueue(op)
+        op.key = copy_key
+        if nxt is not None:
+            nxt.expect.merge(saved[1])
+        if n == 0:
+            self._stats.conflicts += 1
+            self._stats.conflict_copies.append((original, copy_key))
+            log.warning(
+                "journal: %s was changed by another writer; keeping ours as %s",
+                original, copy_key,
+            )
+        op.state = QUEUED
+        op.ready_at = 0.0
+        self._queue(copy_key).append(op)
+        await self._apply(plan)
+        op.signal()
+        self._kick()
+
+    def _finish_unlanded(self, op: _Op) -> None:
+        """An obsolete put that will not land: hand its expectation on and forget it."""
+        nxt = self._unqueue(op)
+        if nxt is not None:
+            nxt.expect.merge(op.expect)
+            if op.env is not None:
+                nxt.expect.salts.add(op.env.salt)
+        op.state = DROPPED
+        op.error = None
+        if op.record.put is op:
+            op.record.put = None
+        op.signal()
+        self._kick()
+
+    async def _run_delete(self, op: _Op) -> None:
+        try:
+            current, ours = await self._current(op.key, op.expect)
+            if current is not None and ours:
+                await self._enc.delete(op.key)
+        except StoreError as exc:
+            async with self._mutex:
+                await self._attempt_failed(op, exc)
+            return
+        async with self._mutex:
+            op.state = DONE
+            op.error = None
+            self._stats.failures.pop(op.key, None)
+            nxt = self._unqueue(op)
+            if nxt is not None:
+                nxt.expect.merge(op.expect)
+                if current is None or ours:
+                    nxt.expect.hint = None
+            if current is not None and not ours:
+                log.info("journal: left an object alone that another writer changed since")
+            if current is not None and ours:
+                self._stats.deleted += 1
+                if self.on_deleted is not None:
+                    self.on_deleted(op.key)
+            op.signal()
+            await self._settle(op.record)
+            self._kick()
+
+    async def _attempt_failed(self, op: _Op, exc: BaseException) -> None:
+        """A RUNNING op's attempt failed: keep it and retry later (caller holds the mutex)."""
+        if op.kind == "put":
+            op.record.users -= 1
+        if op.kind == "put" and op.obsolete:
+            self._finish_unlanded(op)  # superseded meanwhile: no point retrying these bytes
+            op.failures += 1
+            op.error = exc
+            await self._settle(op.record)
+            return
+        op.state = QUEUED
+        await self._attempt_failed_queued(op, exc)
+
+    async def _attempt_failed_queued(self, op: _Op, exc: BaseException) -> None:
+        op.failures += 1
+        op.error = exc
+        transient = isinstance(exc, StoreUnavailableError | OSError | JournalError)
+        cap = MAX_BACKOFF_S if transient else MAX_BACKOFF_PERMANENT_S
+        delay = min(cap, 0.5 * 2 ** (op.failures - 1)) * (0.75 + random.random() / 2)
+        op.not_before = trio.current_time() + delay
+        self._stats.failures[op.key] = f"{type(exc).__name__}: {exc}"
+        level = logging.WARNING if op.failures == 1 or not transient else logging.INFO
+        log.log(
+            level, "journal: %s of entry %d failed (attempt %d, retry in %.0fs): %s",
+            "upload" if op.kind == "put" else "delete", op.record.seq, op.failures, delay, exc,
+        )
+        op.signal()
+        self._kick()
+
+    async def _break(self, record: _Record, exc: BaseException) -> None:
+        """Move a damaged record aside; its ops end with a JournalError."""
+        error = JournalError(f"journal entry {record.seq} is damaged: {exc}")
+        record.users = 0
+        for q in list(self._queues.values()):
+            for op in list(q):
+                if op.record is record and not op.finished:
+                    self._drop(op, error)
+        record.removed = True
+        self._records.pop(record.seq, None)
+        await trio.to_thread.run_sync(
+            self._move_broken_sync, self._sidecar_path(record.seq).name, exc
+        )
+        self._kick()
+
+
+def _has_salts_of_others(expect: _Expect, env: _Envelope) -> bool:
+    """Whether ``expect`` names envelopes other than ``env`` (earlier versions of ours)."""
+    return bool(expect.salts - {env.salt})
+
+
+# -- small blocking helpers (run in worker threads) --------------------------------------------
+
+
+class _ignore_missing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        return isinstance(exc, FileNotFoundError)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with _ignore_missing():
+        os.unlink(path)
+
+
+def _create_exclusive(path: Path) -> BinaryIO:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    return os.fdopen(fd, "w+b")
+
+
+def _finish_env_file(f: BinaryIO) -> tuple[bytes, int]:
+    f.flush()
+    os.fsync(f.fileno())
+    return os.pread(f.fileno(), HEADER_SIZE, 0), os.fstat(f.fileno()).st_size
+
+
+def _read_head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(HEADER_SIZE)
+
+
+def _write_head(path: Path, head: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if os.pwrite(fd, head, 0) != len(head):
+            raise OSError(errno.EIO, "short write of an envelope header")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "DEFAULT_MAX_UPLOADS",
+    "DEFAULT_SETTLE_S",
+    "Journal",
+    "JournalStats",
+    "PendingFile",
+    "PendingInfo",
+    "Uploaded",
+    "conflict_name",
+]
