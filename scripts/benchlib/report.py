@@ -39,6 +39,11 @@ class Figure:
     target: tuple[str, float] | None = None          # (">=" | "<=" | "<", value) on the median
     target_on: str | None = None                     # "ratio:<ref key>" -> target applies to ratio
     note: str = ""
+    short: str = ""                                  # how a ratio cell names this figure
+
+    @property
+    def name(self) -> str:
+        return self.short or self.label
 
     def add(self, value: float) -> None:
         self.samples.append(float(value))
@@ -87,13 +92,13 @@ class Report:
     def figure(
         self, key: str, label: str, unit: str, *, higher_is_better: bool,
         refs: list[str] | None = None, target: tuple[str, float] | None = None,
-        target_on: str | None = None, note: str = "",
+        target_on: str | None = None, note: str = "", short: str = "",
     ) -> Figure:
         """The figure ``key``, declared on first use (later calls return the same object)."""
         fig = self.figures.get(key)
         if fig is None:
             fig = Figure(key, label, unit, higher_is_better, [], list(refs or []), target,
-                         target_on, note)
+                         target_on, note, short)
             self.figures[key] = fig
         return fig
 
@@ -175,7 +180,7 @@ class Report:
             for ref_key in fig.refs:
                 ref = self.figures.get(ref_key)
                 r = self.ratio(fig, ref_key)
-                name = ref.label if ref else ref_key
+                name = ref.name if ref else ref_key
                 ratios.append(f"{_fmt(r)}× {name}" if r is not None else f"n/a vs {name}")
             lines.append(
                 f"| {fig.label} | {_fmt(fig.median)} | {fig.spread()} | {fig.unit} | "

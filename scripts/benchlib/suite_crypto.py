@@ -40,17 +40,17 @@ def run(ctx: Ctx) -> None:
 
     # -- limits ----------------------------------------------------------------------------
     f_seal = rep.figure("crypto.limit.aesgcm_seal", f"bare AES-256-GCM seal, 64 KiB chunks, {mib}",
-                        "MB/s", higher_is_better=True)
+                        "MB/s", higher_is_better=True, short="bare AES-GCM")
     f_seal_sha = rep.figure("crypto.limit.aesgcm_sha_seal",
                             f"bare AES-256-GCM seal + SHA-256 per chunk, {mib}", "MB/s",
-                            higher_is_better=True, refs=[f_seal.key])
+                            higher_is_better=True, refs=[f_seal.key], short="AES-GCM + SHA-256")
     f_open = rep.figure("crypto.limit.aesgcm_open", f"bare AES-256-GCM open, 64 KiB chunks, {mib}",
-                        "MB/s", higher_is_better=True)
+                        "MB/s", higher_is_better=True, short="bare AES-GCM")
     f_open_sha = rep.figure("crypto.limit.aesgcm_sha_open",
                             f"bare SHA-256 + AES-256-GCM open per chunk, {mib}", "MB/s",
-                            higher_is_better=True, refs=[f_open.key])
+                            higher_is_better=True, refs=[f_open.key], short="AES-GCM + SHA-256")
     f_sha = rep.figure("crypto.limit.sha256", f"bare SHA-256, 64 KiB pieces, {mib}", "MB/s",
-                       higher_is_better=True, refs=[f_seal.key])
+                       higher_is_better=True, refs=[f_seal.key], short="SHA-256")
     log("limits: bare AES-GCM / SHA-256")
     for _ in range(ctx.runs):
         f_seal.add(big / limits.aesgcm_seal(data) / MB)
@@ -62,11 +62,12 @@ def run(ctx: Ctx) -> None:
 
     cli = ctx.cssfs
     f_py = rep.figure("crypto.limit.python_start", "python start-up (`python -c pass`)", "s",
-                      higher_is_better=False)
+                      higher_is_better=False, short="python -c pass")
     f_start = rep.figure("crypto.cli_start", "cssfs CLI start-up (`cssfs --version`)", "s",
                          higher_is_better=False, refs=[f_py.key])
     f_idle_rss = rep.figure("crypto.cli_idle_rss", "cssfs CLI peak RSS doing nothing "
-                            "(`cssfs --version`)", "MiB", higher_is_better=False)
+                            "(`cssfs --version`)", "MiB", higher_is_better=False,
+                            short="idle CLI")
     for _ in range(ctx.runs):
         f_py.add(run_measured([sys.executable, "-c", "pass"]).wall_s)
         r = run_measured(cli.argv("--version"), env=cli.env())
@@ -79,9 +80,9 @@ def run(ctx: Ctx) -> None:
     f_dec = rep.figure("crypto.cli.decrypt", f"cssfs decrypt {mib} (CLI, tmpfs → tmpfs)", "MB/s",
                        higher_is_better=True, refs=[f_open.key, f_open_sha.key])
     f_enc_rss = rep.figure("crypto.cli.encrypt_rss_big", f"cssfs encrypt {mib}: peak RSS", "MiB",
-                           higher_is_better=False, refs=[f_idle_rss.key])
+                           higher_is_better=False, refs=[f_idle_rss.key], short=mib)
     f_dec_rss = rep.figure("crypto.cli.decrypt_rss_big", f"cssfs decrypt {mib}: peak RSS", "MiB",
-                           higher_is_better=False, refs=[f_idle_rss.key])
+                           higher_is_better=False, refs=[f_idle_rss.key], short=mib)
     enc = ctx.data / "big.cssfs"
     back = ctx.data / "big.back"
     from cssfs import envelope
@@ -153,10 +154,10 @@ def per_file(ctx: Ctx) -> None:
         recipients = others[: n - 1]
         f_lim_seal = rep.figure(f"crypto.limit.seal_ops_{n}",
                                 f"bare {n}× wrap + 1 sign (sum of medians)", "µs",
-                                higher_is_better=False)
+                                higher_is_better=False, short="bare ops")
         f_lim_open = rep.figure("crypto.limit.open_ops",
                                 "bare 1 unwrap + 1 verify (sum of medians)", "µs",
-                                higher_is_better=False)
+                                higher_is_better=False, short="bare ops")
         f_s = rep.figure(f"crypto.perfile.seal_{n}",
                          f"seal a 1-byte file, {n} recipient{'s' if n > 1 else ''}", "µs",
                          higher_is_better=False, refs=[f_lim_seal.key])

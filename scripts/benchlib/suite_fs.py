@@ -73,6 +73,10 @@ METRICS: dict[str, tuple[str, str, bool, list[str]]] = {
     "rand_p99": ("random 4 KiB read latency p99", "ms", False, ["fs.limit.range_p99"]),
     "rand_fetched": ("bytes fetched from the server for the {r} random reads", "KiB", False,
                      ["fs.limit.rand_ideal"]),
+    "rand_self_down": ("bytes down for the {r} random reads, per `cssfs status`", "KiB",
+                       False, ["fs.limit.rand_ideal"]),
+    "rand_requests": ("store requests for the {r} random reads, per `cssfs status`", "count",
+                      False, ["fs.limit.rand_count"]),
     "list_cold": ("`ls -l` of a {l}-file folder, cold", "s", False, ["fs.limit.list_big"]),
     "list_warm": ("`ls -l` of a {l}-file folder, warm", "s", False, ["fs.limit.list_big"]),
     "daemon_rss": ("daemon peak RSS (VmHWM, all mounts)", "MiB", False, []),
@@ -80,6 +84,21 @@ METRICS: dict[str, tuple[str, str, bool, list[str]]] = {
                    ["fs.limit.memfs_cpu"]),
     "mount_s": ("mount until ready (median)", "s", False, ["fs.limit.memfs_mount"]),
 }
+
+
+LIMIT_SHORT = {
+    "fs.limit.upload_file": "boto3 upload_file", "fs.limit.put_object": "boto3 put_object",
+    "fs.limit.download_file": "boto3 download_file", "fs.limit.get_object": "boto3 get_object",
+    "fs.limit.put4k_8t": "boto3 PUT ×8 threads", "fs.limit.get4k_8t": "boto3 GET ×8 threads",
+    "fs.limit.range_iops": "boto3 ranged GET", "fs.limit.range_p50": "boto3 ranged GET",
+    "fs.limit.range_p99": "boto3 ranged GET", "fs.limit.rand_ideal": "bytes asked for",
+    "fs.limit.rand_count": "1 GET per read", "fs.limit.list_small": "raw LIST",
+    "fs.limit.list_big": "raw LIST", "fs.limit.tree_put": "boto3 PUT ×8 threads",
+    "fs.limit.tree_get": "boto3 GET ×8 threads", "fs.limit.memfs_write": "memfs",
+    "fs.limit.memfs_read": "memfs", "fs.limit.memfs_cpu": "memfs",
+    "fs.limit.memfs_mount": "memfs",
+}
+CSSFS_ONLY = ("rand_self_down", "rand_requests")  # from `cssfs status`; rclone has no twin
 
 
 def _size(n: int) -> str:
@@ -105,10 +124,10 @@ class FsSuite:
         label, unit, hib, lims = METRICS[metric]
         key = f"fs.{system.name}.{metric}"
         refs = list(lims)
-        if system.name == "cssfs":
+        if system.name == "cssfs" and metric not in CSSFS_ONLY:
             refs += [f"fs.{n}.{metric}" for n in self.names if n != "cssfs"]
         self.rep.figure(key, f"{system.label}: {label.format(**self.fmt)}", unit,
-                        higher_is_better=hib, refs=refs)
+                        higher_is_better=hib, refs=refs, short=system.label)
         return key
 
     def add(self, system: System, metric: str, value: float) -> None:
@@ -117,6 +136,8 @@ class FsSuite:
     def declare(self, system: System) -> None:
         for metric in METRICS:
             if metric.startswith("rsync") and not self.with_rsync:
+                continue
+            if metric in CSSFS_ONLY and system.name != "cssfs":
                 continue
             self.fig(system, metric)
 
@@ -216,11 +237,22 @@ class FsSuite:
             mnt = cold_start(s, endpoint=proxy.endpoint)
             (mnt / name).stat()
             proxy.reset()  # count from here: what the reads cost, not the mount's own probes
+            st0 = s.status() if isinstance(s, CssfsSystem) else None
             lat, total = random_reads(s, mnt / name, big, sz.random_reads, seed=77 + i)
             fetched = proxy.down
+            st1 = s.status() if isinstance(s, CssfsSystem) else None
         finally:
             s.stop()
             proxy.close()
+        if st0 and st1:
+            # cssfs's own account (`cssfs status`): payload bytes and requests to the store
+            self.add(s, "rand_self_down", (st1["bytes_down"] - st0["bytes_down"]) / 1024)
+            reqs = {k: v - st0["store_requests"].get(k, 0)
+                    for k, v in st1["store_requests"].items()}
+            self.add(s, "rand_requests", sum(reqs.values()))
+            if i == 0:
+                self.rep.note(f"cssfs store requests for the {sz.random_reads} random reads "
+                              f"(run 1, from `cssfs status`): {reqs}")
         p50, p99 = p50_p99(lat)
         self.add(s, "rand_iops", sz.random_reads / total)
         self.add(s, "rand_p50", p50 * 1000)
@@ -277,6 +309,8 @@ class FsSuite:
           higher_is_better=False)
         F("fs.limit.rand_ideal", f"limit: {sz.random_reads} × 4 KiB (bytes asked for)", "KiB",
           higher_is_better=False)
+        F("fs.limit.rand_count", f"limit: {sz.random_reads} reads = 1 GET each", "count",
+          higher_is_better=False)
         F("fs.limit.list_small", f"limit: paginated LIST of {sz.small_count} keys", "s",
           higher_is_better=False)
         F("fs.limit.list_big", f"limit: paginated LIST of {sz.list_count} keys", "s",
@@ -296,6 +330,10 @@ class FsSuite:
           higher_is_better=False)
         F("fs.limit.memfs_mount", "limit: memfs mount until ready", "s",
           higher_is_better=False)
+
+        for key, short in LIMIT_SHORT.items():
+            if key in rep.figures:
+                rep.figures[key].short = short
 
         with open(big, "rb") as f:
             data = memoryview(f.read())
@@ -332,6 +370,7 @@ class FsSuite:
                 rep.add("fs.limit.tree_put", s3.timed(partial(s3.put_many, c, bucket, items)))
                 rep.add("fs.limit.tree_get", s3.timed(partial(_get_many, c, bucket, items)))
         rep.add("fs.limit.rand_ideal", sz.random_reads * 4)
+        rep.add("fs.limit.rand_count", sz.random_reads)
         del data
         many = {f"many/f{i:05d}": b"x" * 64 for i in range(sz.list_count)}
         s3.put_many(c, bucket, many)

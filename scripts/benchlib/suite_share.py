@@ -90,13 +90,14 @@ def one_set(ctx: Ctx, alice: CssfsCli, bob: CssfsCli, n: int, size: int, tag: st
     what = (f"{n} files × {size // MiB} MiB" if size >= MiB
             else f"{n} files × {size // 1024} KiB")
     l_reup = F(f"share.{tag}.limit.reupload", f"limit: boto3 PUT of the {what}, 8 threads", "s",
-               higher_is_better=False)
+               higher_is_better=False, short="re-upload")
     l_touch = F(f"share.{tag}.limit.touch", f"limit: {n} × 4 KiB PUT, 8 threads", "s",
-                higher_is_better=False)
+                higher_is_better=False, short="N × 4 KiB PUT")
     l_rekey = F(f"share.{tag}.limit.getput",
-                f"limit: boto3 GET + PUT of the {what}, 8 threads", "s", higher_is_better=False)
+                f"limit: boto3 GET + PUT of the {what}, 8 threads", "s", higher_is_better=False,
+                short="GET + PUT")
     l_bytes = F(f"share.{tag}.limit.payload", f"limit: payload bytes of the {what}", "MiB",
-                higher_is_better=False)
+                higher_is_better=False, short="payload")
     l_put = F(f"share.{tag}.limit.cli_put", f"cssfs put of the {what}, one command (for scale)",
               "s", higher_is_better=False, refs=[l_reup.key])
     f_share = F(f"share.{tag}.share", f"cssfs share of a folder of {what}", "s",

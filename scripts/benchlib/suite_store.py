@@ -53,13 +53,13 @@ def run(ctx: Ctx) -> None:
         back = ctx.data / "store-back"
         F = rep.figure
         lp = F(f"store.limit.put_{tag}", f"limit: boto3 upload_file {name} (child process)",
-               "MB/s", higher_is_better=True)
+               "MB/s", higher_is_better=True, short="boto3")
         lg = F(f"store.limit.get_{tag}", f"limit: boto3 download_file {name} (child process)",
-               "MB/s", higher_is_better=True)
+               "MB/s", higher_is_better=True, short="boto3")
         lpr = F(f"store.limit.put_rss_{tag}", f"limit: boto3 upload_file {name}: peak RSS",
-                "MiB", higher_is_better=False)
+                "MiB", higher_is_better=False, short="boto3")
         lgr = F(f"store.limit.get_rss_{tag}", f"limit: boto3 download_file {name}: peak RSS",
-                "MiB", higher_is_better=False)
+                "MiB", higher_is_better=False, short="boto3")
         target = ("<", 128.0) if tag == "rss" else None
         fp = F(f"store.put_{tag}", f"cssfs put {name}", "MB/s", higher_is_better=True,
                refs=[lp.key], target=(">=", 0.8) if tag == "big" else None,
