@@ -9,9 +9,10 @@ errors to an errno; nothing else.
 
 How the namespace maps onto objects (docs/MOUNT.md has the user's version):
 
-* A file ``a/b`` is the envelope object ``a/b``. A folder is a key prefix ``a/``; an empty
-  folder made by ``mkdir`` is kept by a zero-length marker object ``a/.cssfs-dir`` (never shown;
-  a key ending in ``/``, as other S3 tools make, is read as a folder marker too).
+* A file ``a/b`` is the envelope object ``a/b``. A folder is a key prefix ``a/``; ``mkdir``
+  also writes a zero-length marker object ``a/`` (the S3 console's and rclone's convention) so
+  that an empty folder survives; a folder without a marker (files put there by other tools) is
+  shown as long as it holds something.
 * Sizes come from LIST alone (the envelope geometry). The mtime and mode are the ones stored in
   the envelope header; until the header of a listed object is known the object's LastModified
   is shown, with attribute timeouts of 0 so the kernel asks again, and lookup/getattr fetch the
@@ -36,6 +37,7 @@ re-raised when ``CSSFS_STRICT=1`` (tests) so the bug tears the mount down.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -43,7 +45,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
@@ -52,31 +54,33 @@ import trio
 from pyfuse3 import FUSEError
 
 from cssfs.dircache import DirCache
-from cssfs.encstore import EncryptedStore, Entry, HeaderInfo
+from cssfs.encstore import EncryptedStore, Entry
 from cssfs.errors import (
     AccessDeniedError,
     CssfsError,
     FormatError,
     HeaderAuthError,
+    JournalError,
     NoIdentityMatchError,
     NoSuchBucketError,
     NoSuchObjectError,
     PayloadError,
-    PreconditionFailedError,
     SignatureError,
-    StoreError,
 )
 from cssfs.inodes import ROOT_INODE, InodeTable, Node, join, split
+from cssfs.journal import Journal, PendingFile, PendingInfo, Uploaded
+from cssfs.staging import StagedFile
+from cssfs.store.base import ObjectInfo
 
 log = logging.getLogger(__name__)
 
-DIR_MARKER = ".cssfs-dir"
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 FOREIGN_MODE = 0o400
 NAME_MAX = 255
 BLOCK_SIZE = 128 * 1024  # st_blksize: what cp and friends use as their buffer size
-HEADER_PREFETCH = 16  # header GETs in flight for one readdir prefetch
+HEADER_PREFETCH = 16  # header GETs in flight (readdir prefetch and stats together)
+META_ENTRIES = 200_000  # remembered (key, etag) -> (mtime, mode) pairs
 XATTR_WRITER = b"user.cssfs.writer"
 XATTR_RECIPIENTS = b"user.cssfs.recipients"
 XATTR_SIGNATURE = b"user.cssfs.signature"
@@ -90,7 +94,7 @@ Kind = Literal["file", "dir", "foreign"]
 
 
 class Reader(Protocol):
-    """Something an open file reads from: an EncryptedFile, or a journal entry not yet uploaded."""
+    """What an open file reads from: an EncryptedFile, or a journal PendingFile."""
 
     @property
     def size(self) -> int: ...
@@ -98,59 +102,10 @@ class Reader(Protocol):
     async def read(self, offset: int, size: int) -> bytes: ...
 
 
-class Staged(Protocol):
-    """An open file's contents (staging.StagedFile)."""
-
-    @property
-    def size(self) -> int: ...
-
-    async def read(self, offset: int, size: int) -> bytes: ...
-
-    async def write(self, offset: int, data: bytes) -> int: ...
-
-    async def truncate(self, size: int) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-class PendingInfo(Protocol):
-    """What the journal says about a closed file it has not uploaded yet."""
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def mtime_ns(self) -> int: ...
-
-    @property
-    def mode(self) -> int: ...
-
-
-class JournalLike(Protocol):
-    """The journal.Journal methods the file system calls."""
-
-    def pending(self, key: str) -> PendingInfo | None: ...
-
-    def pending_under(self, prefix: str) -> dict[str, PendingInfo]: ...
-
-    async def open(self, key: str) -> Reader: ...
-
-    async def commit(
-        self, key: str, staged: Any, *, mtime_ns: int, mode: int, base_etag: str | None
-    ) -> None: ...
-
-    async def rename(self, src: str, dst: str) -> bool: ...
-
-    async def unlink(self, key: str) -> bool: ...
-
-    async def set_attrs(
-        self, key: str, *, mtime_ns: int | None = None, mode: int | None = None
-    ) -> bool: ...
-
-    async def flush(self, key: str | None = None) -> None: ...
-
-
-StageFactory = Callable[[Reader | None], Awaitable[Staged]]
+#: Makes the staged contents of a file opened for writing, over a base (None: empty).
+StageFactory = Callable[[Reader | None], Awaitable[StagedFile]]
+#: Rewrites the header of a stored envelope with a new mtime/mode (mount.reseal_attrs).
+Resealer = Callable[[str, "int | None", "int | None"], Awaitable[None]]
 
 
 # -- what the file system knows about one name ----------------------------------------------------
@@ -180,9 +135,10 @@ class Attrs:
 
 @dataclass(eq=False)
 class FileState:
-    """A file open here: its staged contents and the attributes its next commit carries."""
+    """A file open for writing here: its staged contents and what its next commit carries."""
 
-    staged: Staged | None = None
+    staged: StagedFile | None = None
+    base: Reader | None = None  # what ``staged`` was opened over (closed with it)
     dirty: bool = False
     writers: int = 0
     mtime_ns: int = 0
@@ -229,6 +185,16 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
+def _marker(path: str) -> str:
+    """The key of a folder's marker object."""
+    return path + "/"
+
+
+def _prefix(path: str) -> str:
+    """The key prefix of the folder ``path``."""
+    return path + "/" if path else ""
+
+
 def _valid_name(name: str) -> bool:
     return (
         bool(name)
@@ -236,6 +202,12 @@ def _valid_name(name: str) -> bool:
         and name not in (".", "..")
         and len(os.fsencode(name)) <= NAME_MAX
     )
+
+
+async def _close(reader: object) -> None:
+    aclose = getattr(reader, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 class Operations(pyfuse3.Operations):
@@ -248,9 +220,10 @@ class Operations(pyfuse3.Operations):
     def __init__(
         self,
         encstore: EncryptedStore,
-        journal: JournalLike,
+        journal: Journal,
         new_staged: StageFactory,
         *,
+        reseal: Resealer | None = None,
         list_ttl: float = 2.0,
         attr_timeout: float = 1.0,
         read_only: bool = False,
@@ -263,6 +236,7 @@ class Operations(pyfuse3.Operations):
         self.encstore = encstore
         self.journal = journal
         self.new_staged = new_staged
+        self.reseal = reseal
         self.attr_timeout = attr_timeout
         self.read_only = read_only
         self.failsafe = False
@@ -276,11 +250,16 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1
         self._ns_lock = trio.Lock()
-        # (key, etag) -> header facts, so a re-LIST within the session shows exact mtimes.
-        self._headers: OrderedDict[tuple[str, str], HeaderInfo | None] = OrderedDict()
-        self._header_flights: dict[tuple[str, str], trio.Event] = {}
+        # (key, etag) -> (mtime_ns, mode) from the header, None if not an envelope.
+        self._meta: OrderedDict[tuple[str, str], tuple[int, int] | None] = OrderedDict()
+        self._meta_flights: dict[tuple[str, str], trio.Event] = {}
         self._header_limiter = trio.CapacityLimiter(HEADER_PREFETCH)
-        self._refused: set[str] = set()  # keys we logged "not shared with you" for
+        self._refused: set[str] = set()  # keys we logged "cannot open" for
+        # key -> (count, etag) of our own uploads that landed: a file opened over a pending
+        # version that lands meanwhile must build on the landed version.
+        self._landed: dict[str, tuple[int, str]] = {}
+        journal.on_uploaded = self._uploaded
+        journal.on_deleted = self._deleted
 
     # -- errors ---------------------------------------------------------------------------------
 
@@ -291,14 +270,14 @@ class Operations(pyfuse3.Operations):
         if isinstance(exc, NoIdentityMatchError):
             return FUSEError(errno.EACCES)
         if isinstance(exc, (FormatError, HeaderAuthError, SignatureError, PayloadError)):
-            log.debug("%s: %s", op, exc)  # encstore logged the object once
+            log.debug("%s: %s", op, exc)  # the layer below logged the object once
             return FUSEError(errno.EIO)
+        if isinstance(exc, JournalError):
+            log.error("%s: %s", op, exc)
+            return FUSEError(exc.errno or errno.EIO)
         if isinstance(exc, (AccessDeniedError, NoSuchBucketError)):
             log.error("%s: %s", op, exc)
             return FUSEError(errno.EACCES)
-        if isinstance(exc, (StoreError, PreconditionFailedError)):
-            log.error("%s: %s", op, exc)
-            return FUSEError(errno.EIO)
         if isinstance(exc, CssfsError):
             log.error("%s: %s", op, exc)
             return FUSEError(errno.EIO)
@@ -324,12 +303,9 @@ class Operations(pyfuse3.Operations):
         timeout = self.attr_timeout if attrs.exact else 0
         entry.entry_timeout = timeout
         entry.attr_timeout = timeout
-        if attrs.is_dir:
-            entry.st_mode = stat.S_IFDIR | (attrs.mode & 0o7777)
-            entry.st_nlink = 2
-        else:
-            entry.st_mode = stat.S_IFREG | (attrs.mode & 0o7777)
-            entry.st_nlink = 1
+        kind = stat.S_IFDIR if attrs.is_dir else stat.S_IFREG
+        entry.st_mode = kind | (attrs.mode & 0o7777)
+        entry.st_nlink = 2 if attrs.is_dir else 1
         entry.st_uid = self.uid
         entry.st_gid = self.gid
         entry.st_rdev = 0
@@ -344,22 +320,23 @@ class Operations(pyfuse3.Operations):
     def _dir_attrs(self) -> Attrs:
         return Attrs("dir", mtime_ns=self.started_ns, mode=DIR_MODE)
 
-    def _remember_header(self, key: str, etag: str, info: HeaderInfo | None) -> None:
-        self._headers[(key, etag)] = info
-        self._headers.move_to_end((key, etag))
-        while len(self._headers) > 100_000:
-            self._headers.popitem(last=False)
+    def _remember(self, key: str, etag: str, meta: tuple[int, int] | None) -> None:
+        self._meta[(key, etag)] = meta
+        self._meta.move_to_end((key, etag))
+        while len(self._meta) > META_ENTRIES:
+            self._meta.popitem(last=False)
 
-    def _apply_header(self, attrs: Attrs, info: HeaderInfo | None) -> None:
+    @staticmethod
+    def _apply(attrs: Attrs, meta: tuple[int, int] | None) -> Attrs:
         """Make listed ``attrs`` exact from its header (None: not an envelope after all)."""
-        if info is None:
+        if meta is None:
             attrs.kind = "foreign"
             attrs.size = attrs.cipher_size or 0
             attrs.mode = FOREIGN_MODE
         else:
-            attrs.mtime_ns = info.mtime_ns
-            attrs.mode = info.mode & 0o7777 or FILE_MODE
+            attrs.mtime_ns, attrs.mode = meta[0], (meta[1] & 0o7777) or FILE_MODE
         attrs.exact = True
+        return attrs
 
     def _from_entry(self, entry: Entry) -> Attrs:
         mtime_ns = int(entry.mtime * 1_000_000_000)
@@ -369,33 +346,35 @@ class Operations(pyfuse3.Operations):
         attrs = Attrs("file", entry.plain_size, mtime_ns, FILE_MODE, False, entry.etag,
                       entry.cipher_size)
         known = (entry.key, entry.etag)
-        if known in self._headers:
-            self._apply_header(attrs, self._headers[known])
+        if known in self._meta:
+            self._apply(attrs, self._meta[known])
         return attrs
 
-    async def _header(self, key: str, etag: str) -> HeaderInfo | None:
-        """The header facts of one stored version (None: not an envelope), single flight."""
+    async def _header_meta(self, key: str, etag: str) -> tuple[int, int] | None:
+        """(mtime_ns, mode) from the header of one stored version (None: not an envelope);
+        one GET per version, shared by concurrent callers."""
         k = (key, etag)
-        while k not in self._headers:
-            flight = self._header_flights.get(k)
+        while k not in self._meta:
+            flight = self._meta_flights.get(k)
             if flight is not None:
                 await flight.wait()
                 continue
-            flight = self._header_flights[k] = trio.Event()
+            flight = self._meta_flights[k] = trio.Event()
             try:
                 async with self._header_limiter:
-                    info: HeaderInfo | None = await self.encstore.header(key, etag)
+                    info = await self.encstore.header(key, etag)
+                meta: tuple[int, int] | None = (info.mtime_ns, info.mode)
             except FormatError:
-                info = None
+                meta = None
             finally:
-                del self._header_flights[k]
+                del self._meta_flights[k]
                 flight.set()
-            self._remember_header(key, etag, info)
-        return self._headers[k]
+            self._remember(key, etag, meta)
+        return self._meta[k]
 
     async def _make_exact(self, path: str, attrs: Attrs) -> Attrs:
         if attrs.kind == "file" and not attrs.exact and attrs.etag is not None:
-            self._apply_header(attrs, await self._header(path, attrs.etag))
+            self._apply(attrs, await self._header_meta(path, attrs.etag))
         return attrs
 
     async def _prefetch_headers(self, items: list[tuple[str, str]]) -> None:
@@ -403,7 +382,7 @@ class Operations(pyfuse3.Operations):
 
         async def one(key: str, etag: str) -> None:
             try:
-                await self._header(key, etag)
+                await self._header_meta(key, etag)
             except CssfsError as exc:
                 log.debug("header prefetch %s: %s", key, exc)
 
@@ -411,10 +390,29 @@ class Operations(pyfuse3.Operations):
             for key, etag in items:
                 nursery.start_soon(one, key, etag)
 
+    # -- journal events -------------------------------------------------------------------------
+
+    def _uploaded(self, up: Uploaded) -> None:
+        """A pending file landed: the listing shows its stored version from now on, and a
+        file open for writing there now builds on that version (its next commit replaces it)."""
+        self._remember(up.key, up.etag, (up.mtime_ns, up.mode))
+        self._landed[up.key] = (self._landed.get(up.key, (0, ""))[0] + 1, up.etag)
+        if len(self._landed) > META_ENTRIES:
+            del self._landed[next(iter(self._landed))]
+        state = self._open_file(up.key)
+        if state is not None:
+            state.base_etag = up.etag
+        self._note(up.key, Attrs("file", up.size, up.mtime_ns, (up.mode & 0o7777) or FILE_MODE,
+                                 True, up.etag, up.cipher_size))
+
+    def _deleted(self, key: str) -> None:
+        if self.journal.pending(key) is None:
+            self._note(key, None)
+
     # -- listings -------------------------------------------------------------------------------
 
     async def _load(self, path: str) -> dict[str, Attrs]:
-        prefix = path + "/" if path else ""
+        prefix = _prefix(path)
         out: dict[str, Attrs] = {}
         for entry in await self.encstore.list(prefix):
             name = entry.key[len(prefix) :]
@@ -422,24 +420,31 @@ class Operations(pyfuse3.Operations):
                 name = name.rstrip("/")
                 if _valid_name(name):
                     out[name] = self._dir_attrs()
-            elif name != DIR_MARKER and _valid_name(name) and name not in out:
+            elif _valid_name(name) and name not in out:  # "" is the folder's own marker
                 out[name] = self._from_entry(entry)
         return out
 
     async def _listing(self, path: str) -> dict[str, Attrs]:
         return await self.listings.get(path, lambda: self._load(path))
 
+    def _open_file(self, path: str) -> FileState | None:
+        node = self.inodes.at(path)
+        if node is not None and isinstance(node.state, FileState) and node.state.staged:
+            return node.state
+        return None
+
+    @staticmethod
+    def _pending_attrs(info: PendingInfo) -> Attrs:
+        return Attrs("file", info.size, info.mtime_ns, (info.mode & 0o7777) or FILE_MODE)
+
     def _local(self, path: str) -> Attrs | None:
         """What this mount holds for ``path`` that the store may not show yet."""
-        node = self.inodes.at(path)
-        if node is not None and isinstance(node.state, FileState):
-            state = node.state
-            if state.staged is not None:
-                return Attrs("file", state.staged.size, state.mtime_ns, state.mode,
-                             etag=None)
+        state = self._open_file(path)
+        if state is not None and state.staged is not None:
+            return Attrs("file", state.staged.size, state.mtime_ns, state.mode)
         pending = self.journal.pending(path)
         if pending is not None:
-            return Attrs("file", pending.size, pending.mtime_ns, pending.mode & 0o7777 or FILE_MODE)
+            return self._pending_attrs(pending)
         return None
 
     async def _attrs(self, path: str, *, exact: bool = True) -> Attrs | None:
@@ -450,27 +455,43 @@ class Operations(pyfuse3.Operations):
         if local is not None:
             return local
         parent, name = split(path)
-        if name == DIR_MARKER:
-            return None
         attrs = (await self._listing(parent)).get(name)
-        if attrs is not None and exact:
+        if attrs is None:
+            # A folder may exist only through files not uploaded yet (or open here).
+            if self.journal.pending_under(path + "/") or any(
+                self._local(n.path) for n in self.inodes.below(path)
+            ):
+                return self._dir_attrs()
+            return None
+        if not attrs.is_dir and self.journal.is_hidden(path):
+            return None
+        if exact:
             await self._make_exact(path, attrs)
         return attrs
 
     async def _children(self, path: str) -> dict[str, Attrs]:
         """The folder's names: the listing with local files laid over it."""
         children = dict(await self._listing(path))
-        prefix = path + "/" if path else ""
-        for key, info in self.journal.pending_under(prefix).items():
+        prefix = _prefix(path)
+        for key in self.journal.hidden_under(prefix):
             name = key[len(prefix) :]
-            if "/" not in name:
-                children[name] = Attrs("file", info.size, info.mtime_ns,
-                                       info.mode & 0o7777 or FILE_MODE)
+            if "/" not in name and name in children and not children[name].is_dir:
+                del children[name]
+        for key, info in self.journal.pending_under(prefix).items():
+            name, sep, _ = key[len(prefix) :].partition("/")
+            if sep:
+                children.setdefault(name, self._dir_attrs())
+            else:
+                children[name] = self._pending_attrs(info)
         for node in self.inodes.below(path):
-            if node.parent_path == path and not node.is_dir:
-                local = self._local(node.path)
-                if local is not None:
-                    children[node.name] = local
+            local = self._local(node.path)
+            if local is None:
+                continue
+            name, sep, _ = node.path[len(prefix) :].partition("/")
+            if sep:
+                children.setdefault(name, self._dir_attrs())
+            else:
+                children[name] = local
         return children
 
     def _note(self, path: str, attrs: Attrs | None) -> None:
@@ -481,13 +502,12 @@ class Operations(pyfuse3.Operations):
     # -- lookup and attributes ------------------------------------------------------------------
 
     def _path(self, parent_inode: int, name: bytes) -> str:
-        try:
-            parent = self.inodes.get(parent_inode)
-        except KeyError:
-            raise FUSEError(errno.ENOENT) from None
+        parent = self._node(parent_inode)
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
         text = os.fsdecode(name)
         if not _valid_name(text):
-            raise FUSEError(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.EINVAL)
+            raise FUSEError(errno.EINVAL)
         return join(parent.path, text)
 
     def _node(self, inode: int) -> Node:
@@ -509,25 +529,28 @@ class Operations(pyfuse3.Operations):
         attrs = await self._attrs(path)
         if attrs is None:
             entry = pyfuse3.EntryAttributes()
-            entry.st_ino = 0
+            entry.st_ino = 0  # a negative entry the kernel may cache for entry_timeout
             entry.entry_timeout = self.attr_timeout
             return entry
         node = self.inodes.lookup(path, attrs.is_dir)
         return self._entry(node, attrs)
 
+    async def _node_attrs(self, node: Node) -> Attrs:
+        if not node.detached:
+            attrs = await self._attrs(node.path)
+            if attrs is not None and attrs.is_dir == node.is_dir:
+                return attrs
+        state = node.state
+        if isinstance(state, FileState) and state.staged is not None:
+            return Attrs("file", state.staged.size, state.mtime_ns, state.mode)
+        if node.is_dir and not node.detached:
+            return self._dir_attrs()
+        raise FUSEError(errno.ENOENT)
+
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        attrs = await self._attrs(node.path) if not node.detached else None
-        if attrs is None:
-            state = node.state
-            if isinstance(state, FileState) and state.staged is not None:
-                attrs = Attrs("file", state.staged.size, state.mtime_ns, state.mode)
-            elif node.is_dir:
-                attrs = self._dir_attrs()
-            else:
-                raise FUSEError(errno.ENOENT)
-        return self._entry(node, attrs)
+        return self._entry(node, await self._node_attrs(node))
 
     @_handler
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -574,8 +597,7 @@ class Operations(pyfuse3.Operations):
                 self.nursery.start_soon(self._prefetch_headers, unknown)
         for index in range(start_id, len(handle.entries)):
             name, attrs = handle.entries[index]
-            path = join(handle.node.path, name)
-            node = self.inodes.node_for(path, attrs.is_dir)
+            node = self.inodes.node_for(join(handle.node.path, name), attrs.is_dir)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(node, attrs),
                                          index + 1):
                 self.inodes.drop_if_unused(node)
@@ -599,11 +621,15 @@ class Operations(pyfuse3.Operations):
         async with self._ns_lock:
             if await self._attrs(path, exact=False) is not None:
                 raise FUSEError(errno.EEXIST)
-            await self.encstore.store.put(f"{path}/{DIR_MARKER}", b"")
+            await self.encstore.store.put(_marker(path), b"")
             attrs = self._dir_attrs()
             self._note(path, attrs)
             node = self.inodes.lookup(path, True)
         return self._entry(node, attrs)
+
+    async def _is_empty(self, path: str) -> bool:
+        self.listings.invalidate(path)  # decide on a fresh LIST
+        return not await self._children(path)
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -615,14 +641,13 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.ENOENT)
             if not attrs.is_dir:
                 raise FUSEError(errno.ENOTDIR)
-            self.listings.invalidate(path)  # decide emptiness on a fresh LIST
-            if await self._children(path):
+            if not await self._is_empty(path):
                 raise FUSEError(errno.ENOTEMPTY)
-            await self.encstore.store.delete([f"{path}/{DIR_MARKER}", f"{path}/"])
+            await self.encstore.store.delete([_marker(path)])
             self._note(path, None)
             self.inodes.detach(path)
 
-    # -- files: open, read, write, close ----------------------------------------------------------
+    # -- files: open, read, write, close --------------------------------------------------------
 
     def _add_handle(self, handle: FileHandle | DirHandle) -> int:
         fh = self._next_fh
@@ -641,37 +666,54 @@ class Operations(pyfuse3.Operations):
             node.state = FileState()
         return node.state
 
+    def _refuse(self, path: str, why: str) -> None:
+        if path not in self._refused:
+            self._refused.add(path)
+            log.info("object %s %s; not opening it", path, why)
+
     async def _reader(self, path: str, attrs: Attrs) -> Reader | None:
         """Where the current contents of ``path`` can be read (None: an empty new file)."""
         if attrs.kind == "foreign":
-            if path not in self._refused:
-                self._refused.add(path)
-                log.info("object %s is not a cssfs envelope; not opening it", path)
+            self._refuse(path, "is not a cssfs envelope")
             raise FUSEError(errno.EACCES)
-        if self.journal.pending(path) is not None:
-            return await self.journal.open(path)
+        pending: PendingFile | None = await self.journal.open_pending(path)
+        if pending is not None:
+            return pending
         if attrs.etag is None:
             return None
         try:
             return await self.encstore.open(path, etag=attrs.etag, cipher_size=attrs.cipher_size)
         except NoIdentityMatchError:
-            if path not in self._refused:
-                self._refused.add(path)
-                log.info("object %s is not encrypted for this identity", path)
+            self._refuse(path, "is not encrypted for this identity")
             raise
 
     async def _stage(self, node: Node, attrs: Attrs) -> FileState:
         """Make sure ``node`` has staged contents (copy-on-write over what is there now)."""
         state = self._state(node)
         if state.staged is None:
+            landed = self._landed.get(node.path)
             base = await self._reader(node.path, attrs)
-            if state.staged is None:  # another task may have staged it meanwhile
-                state.staged = await self.new_staged(base)
-                state.dirty = False
-                state.mtime_ns = attrs.mtime_ns
-                state.mode = attrs.mode
-                state.base_etag = attrs.etag
+            if state.staged is not None:  # another task staged it meanwhile
+                await _close(base)
+                return state
+            state.staged = await self.new_staged(base)
+            state.base = base
+            state.dirty = False
+            state.mtime_ns = attrs.mtime_ns
+            state.mode = attrs.mode
+            state.base_etag = attrs.etag
+            now = self._landed.get(node.path)
+            if now is not None and now != landed:
+                state.base_etag = now[1]
         return state
+
+    async def _unstage(self, state: FileState) -> None:
+        staged, base = state.staged, state.base
+        state.staged = state.base = None
+        state.dirty = False
+        if staged is not None:
+            await staged.aclose()
+        await _close(base)
 
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -681,11 +723,11 @@ class Operations(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             self._check_writable()
-        state = node.state if isinstance(node.state, FileState) else None
         handle = FileHandle(node, writable)
+        state = node.state if isinstance(node.state, FileState) else None
         if state is None or state.staged is None:
-            attrs = await self._attrs(node.path)
-            if attrs is None:
+            attrs = await self._attrs(node.path) if not node.detached else None
+            if attrs is None or attrs.is_dir:
                 raise FUSEError(errno.ENOENT)
             if writable:
                 await self._stage(node, attrs)
@@ -702,29 +744,27 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._check_writable()
         path = self._path(parent_inode, name)
-        if os.fsdecode(name) == DIR_MARKER:
-            raise FUSEError(errno.EPERM)
         async with self._ns_lock:
             existing = await self._attrs(path, exact=False)
-            if existing is not None:
-                if existing.is_dir:
-                    raise FUSEError(errno.EISDIR)
-                if existing.kind == "foreign":
-                    raise FUSEError(errno.EEXIST)
+            if existing is not None and existing.is_dir:
+                raise FUSEError(errno.EISDIR)
+            if existing is not None and existing.kind == "foreign":
+                raise FUSEError(errno.EEXIST)
             node = self.inodes.lookup(path, False)
             state = self._state(node)
             if state.staged is None:
                 state.staged = await self.new_staged(None)
                 state.mode = (mode & 0o7777) or FILE_MODE
                 state.base_etag = existing.etag if existing is not None else None
+            else:  # created again while still open here: O_CREAT without O_EXCL opens it
+                await state.staged.truncate(0)
             state.dirty = True
             state.mtime_ns = _now_ns()
             state.writers += 1
             self.inodes.opened(node)
             attrs = Attrs("file", state.staged.size, state.mtime_ns, state.mode)
-        return pyfuse3.FileInfo(fh=self._add_handle(FileHandle(node, True))), self._entry(
-            node, attrs
-        )
+            fh = self._add_handle(FileHandle(node, True))
+        return pyfuse3.FileInfo(fh=fh), self._entry(node, attrs)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -739,10 +779,8 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._file(fh)
-        if not handle.writable:
-            raise FUSEError(errno.EBADF)
-        state = self._state(handle.node)
-        if state.staged is None:
+        state = handle.node.state
+        if not handle.writable or not isinstance(state, FileState) or state.staged is None:
             raise FUSEError(errno.EBADF)
         await state.staged.write(off, buf)
         state.dirty = True
@@ -755,15 +793,26 @@ class Operations(pyfuse3.Operations):
         async with state.lock:
             if not state.dirty or state.staged is None or node.detached:
                 return
-            await self.journal.commit(
-                node.path, state.staged, mtime_ns=state.mtime_ns, mode=state.mode,
-                base_etag=state.base_etag,
-            )
+            for _ in range(3):
+                landed = self._landed.get(node.path)
+                base_etag = state.base_etag
+                info = await self.journal.commit(
+                    node.path, state.staged, mtime_ns=state.mtime_ns, mode=state.mode,
+                    base_etag=base_etag,
+                )
+                now = self._landed.get(node.path)
+                if now is None or now == landed or now[1] == base_etag:
+                    break
+                # Our previous version landed while this one was being sealed, so the journal
+                # did not know this upload may replace it (it would keep both, as for another
+                # writer's change). Commit again naming it: the first commit is superseded.
+                state.base_etag = now[1]
             state.dirty = False
-            self._note(node.path, Attrs("file", state.staged.size, state.mtime_ns, state.mode))
+            self._note(node.path, self._pending_attrs(info))
 
     @_handler
     async def flush(self, fh: int) -> None:
+        # close(2) waits for this, so a file is durable in the journal when close returns.
         handle = self._file(fh)
         if handle.writable:
             await self._commit(handle.node)
@@ -786,10 +835,12 @@ class Operations(pyfuse3.Operations):
                 state = self._state(node)
                 state.writers -= 1
                 if state.writers == 0:
-                    await self._commit(node)
-                    staged, state.staged = state.staged, None
-                    if staged is not None:
-                        await staged.aclose()
+                    try:
+                        await self._commit(node)
+                    finally:
+                        await self._unstage(state)
+            elif handle.reader is not None:
+                await _close(handle.reader)
         finally:
             self.inodes.closed(node)
 
@@ -805,16 +856,16 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.ENOENT)
             if attrs.is_dir:
                 raise FUSEError(errno.EISDIR)
-            await self._remove_file(path, attrs)
+            state = self._open_file(path)
+            if state is not None:
+                state.dirty = False  # an unlinked open file is never committed
+            if not await self.journal.unlink(path) and (
+                attrs.etag is not None or path in self._landed  # it may have landed meanwhile
+            ):
+                await self.encstore.delete(path)
+            self.encstore.forget(path)
             self._note(path, None)
             self.inodes.detach(path)
-
-    async def _remove_file(self, path: str, attrs: Attrs) -> None:
-        node = self.inodes.at(path)
-        if node is not None and isinstance(node.state, FileState):
-            node.state.dirty = False  # an unlinked open file is never committed
-        await self.journal.unlink(path)
-        self.encstore.forget(path)
 
     @_handler
     async def rename(
@@ -831,8 +882,6 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EINVAL)
         old = self._path(parent_inode_old, name_old)
         new = self._path(parent_inode_new, name_new)
-        if os.fsdecode(name_new) == DIR_MARKER:
-            raise FUSEError(errno.EPERM)
         async with self._ns_lock:
             src = await self._attrs(old, exact=False)
             if src is None:
@@ -850,72 +899,86 @@ class Operations(pyfuse3.Operations):
                 if dst is not None and not dst.is_dir:
                     raise FUSEError(errno.ENOTDIR)
                 if dst is not None:
-                    self.listings.invalidate(new)
-                    if await self._children(new):
+                    if not await self._is_empty(new):
                         raise FUSEError(errno.ENOTEMPTY)
-                    await self.encstore.store.delete([f"{new}/{DIR_MARKER}", f"{new}/"])
+                    await self.encstore.store.delete([_marker(new)])
                 await self._rename_dir(old, new)
+                moved: Attrs | None = self._dir_attrs()
             else:
                 if dst is not None and dst.is_dir:
                     raise FUSEError(errno.EISDIR)
-                await self._rename_file(old, new, src)
+                moved = await self._rename_file(old, new, src, dst)
             self._note(old, None)
-            self._note(new, replace(src))
+            self._note(new, moved)
             self.inodes.move(old, new)
 
-    async def _rename_file(self, old: str, new: str, src: Attrs) -> None:
-        """Move one file's stored and pending versions; an open file's node moves with it."""
-        node = self.inodes.at(old)
-        state = node.state if node is not None and isinstance(node.state, FileState) else None
-        if state is not None:
-            async with state.lock:
-                await self._move_versions(old, new, src, state)
-        else:
-            await self._move_versions(old, new, src, None)
+    async def _rename_file(self, old: str, new: str, src: Attrs, dst: Attrs | None
+                           ) -> Attrs | None:
+        """Move one file's pending and stored versions; an open file's node moves with it.
 
-    async def _move_versions(
-        self, old: str, new: str, src: Attrs, state: FileState | None
-    ) -> None:
-        await self.journal.unlink(new)  # whatever was pending under new is replaced
-        moved = await self.journal.rename(old, new)
-        if not moved and src.etag is not None:
-            if src.kind == "foreign":
-                await self.encstore.store.copy(old, new)
-                await self.encstore.store.delete([old])
-            else:
-                info = await self.encstore.rename(old, new)
-                if state is not None and state.base_etag == src.etag:
-                    state.base_etag = info.etag
-        self.encstore.forget(old)
-        self.encstore.forget(new)
+        Returns what the listing should show under ``new`` until the next LIST (None when
+        only the journal or an open file holds it: the overlay shows those)."""
+        state = self._open_file(old)
+        lock = state.lock if state is not None else None
+        async with lock if lock is not None else _nothing():
+            dst_etag = dst.etag if dst is not None else None
+            moved = await self.journal.rename(old, new, dst_etag=dst_etag)
+            shown: Attrs | None = None
+            # Not pending (any more): what there is of it is in the store -- also when it was
+            # pending a moment ago and landed meanwhile.
+            if not moved and (src.etag is not None or old in self._landed):
+                if src.kind == "foreign":
+                    info: ObjectInfo | None = await self.encstore.store.copy(old, new)
+                    await self.encstore.store.delete([old])
+                else:
+                    try:
+                        info = await self.encstore.rename(old, new)
+                    except NoSuchObjectError:
+                        if src.etag is not None:
+                            raise
+                        info = None
+                if info is not None:
+                    shown = replace(src, etag=info.etag, cipher_size=info.size)
+                    if src.kind == "file" and src.exact:
+                        self._remember(new, info.etag, (src.mtime_ns, src.mode))
+                    if state is not None:
+                        state.base_etag = info.etag
+            elif state is not None:
+                state.base_etag = dst_etag  # the next commit replaces what is at ``new``
+            self.encstore.forget(old)
+            self.encstore.forget(new)
+        return shown
 
     async def _rename_dir(self, old: str, new: str) -> None:
-        """Move a folder object by object (not atomic: a failure leaves some moved)."""
+        """Move a folder object by object (not atomic: a failure leaves part of it moved)."""
         prefix = old + "/"
-        entries = await self.encstore.list(prefix, delimiter=None)
-        pending = self.journal.pending_under(prefix)
-        keys = {e.key: e for e in entries}
-        for key in sorted(set(keys) | set(pending)):
+        pending = self.journal.pending_under(prefix)  # before the LIST: none slips between
+        entries = {e.key: e for e in await self.encstore.list(prefix, delimiter=None)}
+        hidden = self.journal.hidden_under(prefix)
+        for key in sorted(set(entries) | set(pending)):
             target = new + "/" + key[len(prefix) :]
-            entry = keys.get(key)
-            if key in pending:
-                await self.journal.unlink(target)
-                await self.journal.rename(key, target)
-            elif entry is not None and (entry.plain_size is None or key.endswith("/" + DIR_MARKER)
-                                        or key.endswith("/")):
-                await self.encstore.store.copy(key, target)
+            entry = entries.get(key)
+            if await self.journal.rename(key, target):
+                continue
+            if key in hidden and key not in pending:
+                continue
+            if entry is not None and (entry.plain_size is None or key.endswith("/")):
+                await self.encstore.store.copy(key, target)  # markers, foreign objects
                 await self.encstore.store.delete([key])
-            elif entry is not None:
-                await self.journal.unlink(target)
+                continue
+            try:
                 await self.encstore.rename(key, target)
-        if not any(k == f"{prefix}{DIR_MARKER}" for k in keys):
-            await self.encstore.store.put(f"{new}/{DIR_MARKER}", b"")
+            except NoSuchObjectError:
+                if entry is not None:  # listed, so it vanished meanwhile: another client
+                    log.info("folder rename: %s disappeared meanwhile", key)
+        if prefix not in entries:
+            await self.encstore.store.put(_marker(new), b"")
         self.listings.invalidate_below(old)
         self.listings.invalidate_below(new)
         for node in self.inodes.below(old):
             state = node.state
-            if isinstance(state, FileState) and state.base_etag is not None:
-                state.base_etag = None  # its base moved; the next commit writes a new object
+            if isinstance(state, FileState):
+                state.base_etag = None  # its base moved; the next commit makes a new object
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -929,70 +992,61 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        changes = fields.update_size or fields.update_mode or fields.update_mtime
-        if node.is_dir or not changes:
+        if node.is_dir or not (fields.update_size or fields.update_mode or fields.update_mtime):
             # Folders keep no times or modes of their own; ownership is the mount's.
-            return await self.getattr(inode, ctx)
+            return self._entry(node, await self._node_attrs(node))
         self._check_writable()
-        attrs = await self._attrs(node.path) if not node.detached else None
-        state = node.state if isinstance(node.state, FileState) else None
-        if attrs is None and (state is None or state.staged is None):
-            raise FUSEError(errno.ENOENT)
-        if attrs is not None and attrs.kind == "foreign":
+        attrs = await self._node_attrs(node)
+        if attrs.kind == "foreign":
             raise FUSEError(errno.EPERM)
         mtime_ns = attr.st_mtime_ns if fields.update_mtime else None
         mode = attr.st_mode & 0o7777 if fields.update_mode else None
+        state = self._open_file(node.path) if not node.detached else self._state(node)
         if fields.update_size:
             temporary = state is None or state.staged is None
-            assert attrs is not None or not temporary
-            state = await self._stage(node, attrs) if temporary else state  # type: ignore[arg-type]
-            assert state is not None and state.staged is not None
-            await state.staged.truncate(attr.st_size)
-            state.dirty = True
-            state.mtime_ns = _now_ns()
-            if temporary:
+            if state is None or state.staged is None:
+                state = await self._stage(node, attrs)
                 self.inodes.opened(node)
-                try:
-                    if mtime_ns is not None:
-                        state.mtime_ns = mtime_ns
-                    if mode is not None:
-                        state.mode = mode
+            try:
+                assert state.staged is not None
+                await state.staged.truncate(attr.st_size)
+                state.dirty = True
+                state.mtime_ns = _now_ns() if mtime_ns is None else mtime_ns
+                if mode is not None:
+                    state.mode = mode
+                if temporary:
                     await self._commit(node)
-                    staged, state.staged = state.staged, None
-                    if staged is not None:
-                        await staged.aclose()
-                finally:
+            finally:
+                if temporary:
+                    await self._unstage(state)
                     self.inodes.closed(node)
-                return await self.getattr(inode, ctx)
-        if state is not None and state.staged is not None:
+        elif state is not None and state.staged is not None:
             if mtime_ns is not None:
                 state.mtime_ns = mtime_ns
             if mode is not None:
                 state.mode = mode
-            if state.dirty or node.detached:
-                return await self.getattr(inode, ctx)
-        if mtime_ns is not None or mode is not None:
-            await self.journal.set_attrs(node.path, mtime_ns=mtime_ns, mode=mode)
-            self.encstore.forget(node.path)
-            if attrs is not None:
-                new = replace(attrs)
-                if mtime_ns is not None:
-                    new.mtime_ns = mtime_ns
-                if mode is not None:
-                    new.mode = mode
-                new.exact = True
-                self._note(node.path, new)
-        return await self.getattr(inode, ctx)
+            if not state.dirty and not node.detached:
+                await self._set_stored_attrs(node.path, attrs, mtime_ns, mode)
+        else:
+            await self._set_stored_attrs(node.path, attrs, mtime_ns, mode)
+        return self._entry(node, await self._node_attrs(node))
+
+    async def _set_stored_attrs(self, path: str, attrs: Attrs, mtime_ns: int | None,
+                                mode: int | None) -> None:
+        """mtime/mode of a closed file: the journal's pending version, else the stored header."""
+        if await self.journal.set_attrs(path, mtime_ns=mtime_ns, mode=mode):
+            return
+        if attrs.etag is None or self.reseal is None:
+            raise FUSEError(errno.EROFS if self.reseal is None else errno.ENOENT)
+        await self.reseal(path, mtime_ns, mode)
+        new = replace(attrs, exact=True, etag=None)
+        if mtime_ns is not None:
+            new.mtime_ns = mtime_ns
+        if mode is not None:
+            new.mode = mode
+        self._note(path, new)
 
     # -- extended attributes (read-only) --------------------------------------------------------
-
-    async def _info(self, node: Node) -> HeaderInfo | None:
-        attrs = await self._attrs(node.path) if not node.detached else None
-        if attrs is None or attrs.kind != "file" or attrs.etag is None:
-            return None
-        if self._local(node.path) is not None:
-            return None
-        return await self._header(node.path, attrs.etag)
 
     def _own_xattrs(self) -> dict[bytes, bytes]:
         """Extended attributes of a file written here and not uploaded yet."""
@@ -1005,12 +1059,16 @@ class Operations(pyfuse3.Operations):
         }
 
     async def _xattrs(self, node: Node) -> dict[bytes, bytes]:
-        if node.is_dir:
+        if node.is_dir or node.detached:
             return {}
         if self._local(node.path) is not None:
             return self._own_xattrs()
-        info = await self._info(node)
-        if info is None:
+        attrs = await self._attrs(node.path, exact=False)
+        if attrs is None or attrs.kind != "file" or attrs.etag is None:
+            return {}
+        try:
+            info = await self.encstore.header(node.path, attrs.etag)
+        except FormatError:
             return {}
         return {
             XATTR_WRITER: info.writer_fingerprint.encode(),
@@ -1053,6 +1111,11 @@ class Operations(pyfuse3.Operations):
 
     def open_handles(self) -> int:
         return sum(isinstance(h, FileHandle) for h in self._handles.values())
+
+
+@contextlib.asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield
 
 
 __all__ = ["ROOT_INODE", "Attrs", "Operations"]

@@ -43,8 +43,9 @@ import trio
 from cssfs import config, service
 from cssfs.cache import ChunkCache
 from cssfs.encstore import EncryptedStore
+from cssfs.envelope import HEADER_SIZE, open_header
 from cssfs.errors import ConfigError, CssfsError
-from cssfs.fs import Operations, Reader, Staged
+from cssfs.fs import Operations, Reader
 from cssfs.journal import Journal
 from cssfs.keys import Identity, Recipient
 from cssfs.staging import StagedFile, StagingBudget
@@ -133,7 +134,7 @@ class Daemon:
             "store": store.url,
             "read_only": self.cfg.read_only or self.ops.failsafe,
             "uptime_s": round(time.time() - self.started, 1),
-            "journal": _plain(self.journal.stats),
+            "journal": _plain(self.journal.stats()),
             "open_files": self.ops.open_handles(),
             "cache": {
                 "max_bytes": self.cache.max_bytes,
@@ -172,6 +173,24 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+async def reseal_attrs(
+    encstore: EncryptedStore, key: str, mtime_ns: int | None, mode: int | None
+) -> None:
+    """Give the stored envelope ``key`` a new mtime/mode by rewriting its 4 KiB header.
+
+    mtime and mode are under the header MAC, not the writer's signature, so any recipient may
+    change them and the writer stays who wrote the file; the payload is not re-uploaded. The
+    rewrite is conditional on the version whose header was read (PreconditionFailedError if
+    another client changed the object meanwhile).
+    """
+    info = await encstore.store.head(key)
+    head = await encstore.store.get(key, 0, HEADER_SIZE)
+    opened = open_header(head, encstore.identity, binding=encstore.binding_for(key))
+    new_head = opened.reseal(mtime_ns=mtime_ns, mode=None if mode is None else mode & 0o7777)
+    await encstore.store.replace_head(key, new_head, HEADER_SIZE, if_match=info.etag)
+    encstore.forget(key)
 
 
 # -- the control socket -------------------------------------------------------------------------
@@ -286,27 +305,32 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
     """Mount, serve until unmounted or signalled, upload everything, unmount. See the module doc."""
     mountpoint = check_mountpoint(cfg.mountpoint)
     cfg = dataclasses.replace(cfg, mountpoint=mountpoint)
-    state_dir = cfg.state_dir or store_state_dir(cfg.store_url)
-    config.ensure_private_dir(state_dir)
     control = service.control_path(mountpoint)
 
     async with AsyncExitStack() as stack:
         store = open_store(cfg.store_url, **cfg.store_options)
         stack.push_async_callback(store.aclose)
+        state_dir = cfg.state_dir or store_state_dir(store.url)
+        config.ensure_private_dir(state_dir)
         await store.list("", "/")  # fail now, not in the first request: bucket, credentials
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)  # runs first: stop background tasks
         cache = ChunkCache(cfg.cache_size)
         encstore = EncryptedStore(store, identity, cfg.recipients, cache=cache, nursery=nursery)
-        journal = Journal(encstore, state_dir / "journal")
-        await journal.replay()
+        journal = Journal(state_dir, encstore)
+        replayed = await journal.replay()
+        if replayed:
+            log.info("journal: %d file(s) from an earlier run queued for upload", replayed)
         budget = StagingBudget(state_dir, **(
             {} if cfg.staging_bytes is None else {"max_bytes": cfg.staging_bytes}))
 
-        async def new_staged(base: Reader | None) -> Staged:
+        async def new_staged(base: Reader | None) -> StagedFile:
             return StagedFile(budget, base)
 
-        ops = Operations(encstore, journal, new_staged, list_ttl=cfg.list_ttl,
+        async def reseal(key: str, mtime_ns: int | None, mode: int | None) -> None:
+            await reseal_attrs(encstore, key, mtime_ns, mode)
+
+        ops = Operations(encstore, journal, new_staged, reseal=reseal, list_ttl=cfg.list_ttl,
                          read_only=cfg.read_only, nursery=nursery)
         daemon = Daemon(cfg, ops, journal, cache, encstore)
         nursery.start_soon(journal.run)

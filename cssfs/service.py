@@ -82,11 +82,15 @@ def runtime_dir() -> Path:
     return config.runtime_dir()
 
 
-def control_path(mountpoint: str | os.PathLike[str]) -> Path:
-    """The control socket of the daemon serving ``mountpoint`` (resolved to an absolute path)."""
-    real = os.path.realpath(os.fspath(mountpoint))
+def control_path(mountpoint: str | os.PathLike[str], runtime: Path | None = None) -> Path:
+    """The control socket of the daemon serving ``mountpoint`` (resolved to an absolute path),
+    in ``runtime`` (default: ``runtime_dir()``)."""
+    # Resolve symlinks in the parents only: a stat of the mount point itself would go to the
+    # daemon, which may be the thing that hangs.
+    absolute = os.path.abspath(os.fspath(mountpoint))
+    real = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
     digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:20]
-    path = runtime_dir() / f"{SOCKET_PREFIX}{digest}.sock"
+    path = (runtime_dir() if runtime is None else runtime) / f"{SOCKET_PREFIX}{digest}.sock"
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise ConfigError(
             f"control socket path {path} is too long for a unix socket; "

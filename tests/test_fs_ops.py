@@ -1,0 +1,581 @@
+"""Operations in-process (S3QL's t3_fs_api): the file system without a kernel.
+
+pytest-trio drives the request handlers directly over a MemoryStore and a LocalStore, with the
+real EncryptedStore, staging and journal. ``readdir_reply`` is the one pyfuse3 function that
+needs a kernel buffer; it is replaced by a collector.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+from pyfuse3 import FUSEError
+
+from cssfs import fs as fsmod
+from cssfs.cache import ChunkCache
+from cssfs.encstore import EncryptedStore
+from cssfs.envelope import CHUNK_SIZE as CS
+from cssfs.fs import Operations
+from cssfs.inodes import ROOT_INODE
+from cssfs.journal import Journal
+from cssfs.keys import Identity
+from cssfs.mount import reseal_attrs
+from cssfs.staging import StagedFile, StagingBudget
+from cssfs.store.local import LocalStore
+from cssfs.store.memory import MemoryStore
+
+CANARY = b"CANARY-fs-ops-plaintext-5b1e"
+CTX: Any = None
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    return bytes((i * 31 + seed) % 253 for i in range(n))
+
+
+class FS:
+    """Operations plus path-based helpers, the way the kernel would call them."""
+
+    def __init__(self, ops: Operations, store: Any, journal: Any) -> None:
+        self.ops = ops
+        self.store = store
+        self.journal = journal
+
+    async def inode(self, path: str) -> int:
+        inode = ROOT_INODE
+        for part in filter(None, path.split("/")):
+            entry = await self.ops.lookup(inode, part.encode(), CTX)
+            if entry.st_ino == 0:
+                raise FUSEError(errno.ENOENT)
+            inode = entry.st_ino
+        return inode
+
+    async def parent(self, path: str) -> tuple[int, bytes]:
+        head, _, name = path.rpartition("/")
+        return await self.inode(head), name.encode()
+
+    async def stat(self, path: str) -> pyfuse3.EntryAttributes:
+        return await self.ops.getattr(await self.inode(path), CTX)
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.inode(path)
+        except FUSEError as exc:
+            assert exc.errno == errno.ENOENT
+            return False
+        return True
+
+    async def create(self, path: str, mode: int = 0o644) -> int:
+        parent, name = await self.parent(path)
+        info, _ = await self.ops.create(parent, name, mode, os.O_WRONLY, CTX)
+        return info.fh
+
+    async def open(self, path: str, flags: int = os.O_RDONLY) -> int:
+        return (await self.ops.open(await self.inode(path), flags, CTX)).fh
+
+    async def close(self, fh: int) -> None:
+        await self.ops.flush(fh)
+        await self.ops.release(fh)
+
+    async def write_file(self, path: str, data: bytes, *, step: int = 128 * 1024) -> None:
+        fh = await self.create(path)
+        for off in range(0, len(data), step):
+            assert await self.ops.write(fh, off, data[off : off + step]) == len(
+                data[off : off + step])
+        await self.close(fh)
+
+    async def read_file(self, path: str, *, step: int = 128 * 1024) -> bytes:
+        fh = await self.open(path)
+        out = bytearray()
+        try:
+            while True:
+                data = await self.ops.read(fh, len(out), step)
+                if not data:
+                    break
+                out += data
+        finally:
+            await self.ops.release(fh)
+        return bytes(out)
+
+    async def mkdir(self, path: str) -> None:
+        parent, name = await self.parent(path)
+        await self.ops.mkdir(parent, name, 0o755, CTX)
+
+    async def rmdir(self, path: str) -> None:
+        parent, name = await self.parent(path)
+        await self.ops.rmdir(parent, name, CTX)
+
+    async def unlink(self, path: str) -> None:
+        parent, name = await self.parent(path)
+        await self.ops.unlink(parent, name, CTX)
+
+    async def rename(self, old: str, new: str, flags: int = 0) -> None:
+        p_old, n_old = await self.parent(old)
+        p_new, n_new = await self.parent(new)
+        await self.ops.rename(p_old, n_old, p_new, n_new, flags, CTX)
+
+    async def listdir(self, path: str) -> dict[str, pyfuse3.EntryAttributes]:
+        fh = await self.ops.opendir(await self.inode(path), CTX)
+        out: dict[str, pyfuse3.EntryAttributes] = {}
+        try:
+            start = 0
+            while True:
+                token = _Token(capacity=3)
+                await self.ops.readdir(fh, start, token)  # type: ignore[arg-type]
+                if not token.entries:
+                    break
+                for name, attr, next_id in token.entries:
+                    out[name.decode()] = attr
+                    start = next_id
+        finally:
+            await self.ops.releasedir(fh)
+        return out
+
+    async def setattr(self, path: str, fh: int | None = None, **changes: int) -> Any:
+        attr = pyfuse3.EntryAttributes()
+        fields = SimpleNamespace(update_atime=False, update_mtime=False, update_ctime=False,
+                                 update_mode=False, update_uid=False, update_gid=False,
+                                 update_size=False)
+        if "size" in changes:
+            attr.st_size = changes["size"]
+            fields.update_size = True
+        if "mtime_ns" in changes:
+            attr.st_mtime_ns = changes["mtime_ns"]
+            fields.update_mtime = True
+        if "mode" in changes:
+            attr.st_mode = stat.S_IFREG | changes["mode"]
+            fields.update_mode = True
+        return await self.ops.setattr(await self.inode(path), attr, fields, fh, CTX)
+
+    async def getxattr(self, path: str, name: str) -> bytes:
+        return await self.ops.getxattr(await self.inode(path), name.encode(), CTX)
+
+    def objects(self) -> dict[str, bytes]:
+        """Every object in the store (raw), for plaintext checks."""
+        return dict(_raw_objects(self.store))
+
+
+def _raw_objects(store: Any) -> list[tuple[str, bytes]]:
+    if isinstance(store, MemoryStore):
+        return [(k, o.data) for k, o in store.bucket.objects.items()]
+    out = []
+    for root, _, files in os.walk(store.root):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out.append((path, f.read()))
+    return out
+
+
+class _Token:
+    """Stands in for pyfuse3's ReaddirToken: room for ``capacity`` entries per call."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: list[tuple[bytes, pyfuse3.EntryAttributes, int]] = []
+
+
+def _readdir_reply(token: _Token, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int
+                   ) -> bool:
+    if len(token.entries) >= token.capacity:
+        return False
+    token.entries.append((name, attr, next_id))
+    return True
+
+
+@pytest.fixture(params=["memory", "local"])
+async def env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(fsmod.pyfuse3, "readdir_reply", _readdir_reply)
+    if request.param == "memory":
+        store: Any = MemoryStore()
+    else:
+        (tmp_path / "bucket").mkdir()
+        store = LocalStore(tmp_path / "bucket", fsync=False)
+    identity = Identity.generate()
+    state = tmp_path / "state"
+    state.mkdir()
+    async with trio.open_nursery() as nursery:
+        encstore = EncryptedStore(store, identity, cache=ChunkCache(8 * 1024 * 1024),
+                                  nursery=nursery)
+        journal = Journal(state, encstore, settle_s=float(os.environ.get("T_SETTLE", "0.5")))
+        await journal.replay()
+        nursery.start_soon(journal.run)
+        budget = StagingBudget(state, max_bytes=4 * CS)
+
+        async def new_staged(base: Any) -> Any:
+            return StagedFile(budget, base)
+
+        async def reseal(key: str, mtime_ns: int | None, mode: int | None) -> None:
+            await reseal_attrs(encstore, key, mtime_ns, mode)
+
+        ops = Operations(encstore, journal, new_staged, reseal=reseal, list_ttl=2.0,
+                         nursery=nursery, strict=True)
+        yield FS(ops, store, journal)
+        await journal.flush()
+        nursery.cancel_scope.cancel()
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+SIZES = [0, 1, CS - 1, CS, CS + 1, 3 * CS + 17]
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_write_read_round_trip(env: FS, size: int) -> None:
+    data = pattern(size, size)
+    await env.write_file("f", data, step=4096 + 3)
+    assert (await env.stat("f")).st_size == size
+    assert await env.read_file("f") == data
+    await env.journal.flush()
+    assert await env.read_file("f") == data  # now from the store
+    assert (await env.stat("f")).st_size == size
+
+
+async def test_only_ciphertext_in_the_store(env: FS) -> None:
+    await env.write_file("secret.txt", CANARY * 1000)
+    await env.journal.flush()
+    objects = env.objects()
+    assert objects
+    assert not any(CANARY in data or CANARY[:16] in data for data in objects.values())
+
+
+async def test_lookup_missing_is_negative_entry(env: FS) -> None:
+    entry = await env.ops.lookup(ROOT_INODE, b"nope", CTX)
+    assert entry.st_ino == 0
+
+
+async def test_mode_and_mtime_survive_upload(env: FS) -> None:
+    fh = await env.create("m", mode=0o600)
+    await env.ops.write(fh, 0, b"abc")
+    await env.close(fh)
+    await env.setattr("m", mtime_ns=1_234_567_890_123_456_789)
+    await env.journal.flush()
+    env.ops.listings.invalidate("")
+    st = await env.stat("m")
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_mtime_ns == 1_234_567_890_123_456_789
+    await env.setattr("m", mode=0o640, mtime_ns=42_000_000_000)
+    await env.journal.flush()
+    env.ops.listings.invalidate("")
+    st = await env.stat("m")
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    assert st.st_mtime_ns == 42_000_000_000
+    assert await env.read_file("m") == b"abc"
+
+
+async def test_overwrite_partially(env: FS) -> None:
+    data = pattern(3 * CS + 5)
+    await env.write_file("p", data)
+    await env.journal.flush()
+    fh = await env.open("p", os.O_RDWR)
+    await env.ops.write(fh, CS + 10, b"XYZ")
+    assert await env.ops.read(fh, CS + 8, 6) == data[CS + 8 : CS + 10] + b"XYZ" + data[
+        CS + 13 : CS + 14]
+    await env.close(fh)
+    expect = data[: CS + 10] + b"XYZ" + data[CS + 13 :]
+    assert await env.read_file("p") == expect
+    await env.journal.flush()
+    assert await env.read_file("p") == expect
+
+
+async def test_append(env: FS) -> None:
+    await env.write_file("a", b"hello ")
+    fh = await env.open("a", os.O_WRONLY | os.O_APPEND)
+    size = (await env.stat("a")).st_size
+    await env.ops.write(fh, size, b"world")
+    await env.close(fh)
+    assert await env.read_file("a") == b"hello world"
+
+
+async def test_truncate_paths(env: FS) -> None:
+    data = pattern(2 * CS + 100)
+    await env.write_file("t", data)
+    await env.journal.flush()
+    # truncate(path): no open handle
+    await env.setattr("t", size=CS + 1)
+    assert (await env.stat("t")).st_size == CS + 1
+    assert await env.read_file("t") == data[: CS + 1]
+    # O_TRUNC: open, then setattr(size=0) with the handle
+    fh = await env.open("t", os.O_WRONLY)
+    await env.setattr("t", fh=fh, size=0)
+    await env.ops.write(fh, 0, b"new")
+    await env.close(fh)
+    assert await env.read_file("t") == b"new"
+    # ftruncate to grow: zeros
+    fh = await env.open("t", os.O_RDWR)
+    await env.setattr("t", fh=fh, size=10)
+    await env.close(fh)
+    assert await env.read_file("t") == b"new" + bytes(7)
+    await env.journal.flush()
+    assert await env.read_file("t") == b"new" + bytes(7)
+
+
+async def test_two_readers_and_a_writer(env: FS) -> None:
+    data = pattern(5 * CS)
+    await env.write_file("r", data)
+    await env.journal.flush()
+    a = await env.open("r")
+    b = await env.open("r")
+    got: dict[str, bytes] = {}
+
+    async def read_all(name: str, fh: int) -> None:
+        out = bytearray()
+        while chunk := await env.ops.read(fh, len(out), 10000):
+            out += chunk
+        got[name] = bytes(out)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all, "a", a)
+        nursery.start_soon(read_all, "b", b)
+    assert got == {"a": data, "b": data}
+    await env.ops.release(a)
+    await env.ops.release(b)
+
+
+async def test_unlink_open_file_lives_until_release(env: FS) -> None:
+    await env.write_file("u", b"still here")
+    fh = await env.open("u")
+    writer = await env.open("u", os.O_RDWR)
+    await env.unlink("u")
+    assert not await env.exists("u")
+    await env.ops.write(writer, 0, b"STILL")
+    assert await env.ops.read(fh, 0, 100) == b"STILL here"
+    await env.close(writer)
+    await env.ops.release(fh)
+    await env.journal.flush()
+    env.ops.listings.invalidate("")
+    assert not await env.exists("u")
+    assert not env.objects() or all("u" not in k.rsplit("/", 1)[-1] for k in env.objects())
+
+
+async def test_unlink_missing(env: FS) -> None:
+    with pytest.raises(FUSEError) as err:
+        await env.ops.unlink(ROOT_INODE, b"missing", CTX)
+    assert err.value.errno == errno.ENOENT
+
+
+# -- folders --------------------------------------------------------------------------------------
+
+
+async def test_mkdir_readdir_rmdir(env: FS) -> None:
+    await env.mkdir("d")
+    await env.mkdir("d/e")
+    for i in range(7):
+        await env.write_file(f"d/f{i}", pattern(i * 1000))
+    listing = await env.listdir("d")
+    assert sorted(listing) == ["e"] + [f"f{i}" for i in range(7)]
+    assert stat.S_ISDIR(listing["e"].st_mode)
+    assert all(listing[f"f{i}"].st_size == i * 1000 for i in range(7))
+    with pytest.raises(FUSEError) as err:
+        await env.rmdir("d")
+    assert err.value.errno == errno.ENOTEMPTY
+    await env.rmdir("d/e")
+    for i in range(7):
+        await env.unlink(f"d/f{i}")
+    await env.rmdir("d")
+    assert not await env.exists("d")
+    await env.journal.flush()
+    env.ops.listings.invalidate("")
+    assert not await env.exists("d")
+
+
+async def test_empty_folder_survives(env: FS) -> None:
+    await env.mkdir("empty")
+    env.ops.listings.invalidate("")
+    assert stat.S_ISDIR((await env.stat("empty")).st_mode)
+    assert await env.listdir("empty") == {}
+
+
+async def test_sizes_from_listing_alone(env: FS) -> None:
+    for i, size in enumerate(SIZES):
+        await env.write_file(f"s{i}", pattern(size))
+    await env.journal.flush()
+    env.ops.listings.invalidate("")
+    before = env.store.stats.copy()
+    listing = await env.listdir("")
+    after = env.store.stats
+    assert {n: a.st_size for n, a in listing.items()} == {f"s{i}": s for i, s in enumerate(SIZES)}
+    assert after.requests["list"] - before.requests["list"] == 1
+    assert after.requests["get"] == before.requests["get"]  # readdir itself fetched nothing
+
+
+async def test_readdir_mtimes_become_exact(env: FS) -> None:
+    await env.write_file("x", b"1")
+    await env.setattr("x", mtime_ns=5_000_000_000)
+    await env.journal.flush()
+    env.ops.listings.invalidate("")
+    env.ops._meta.clear()
+    listing = await env.listdir("")
+    assert listing["x"].attr_timeout == 0  # not exact yet: the kernel must ask again
+    assert (await env.stat("x")).st_mtime_ns == 5_000_000_000
+
+
+async def test_rename_file(env: FS) -> None:
+    await env.write_file("a", b"A")
+    await env.rename("a", "b")
+    assert not await env.exists("a")
+    assert await env.read_file("b") == b"A"
+    await env.journal.flush()
+    await env.rename("b", "c")
+    assert await env.read_file("c") == b"A"
+    await env.write_file("d", b"D")
+    await env.journal.flush()
+    await env.rename("c", "d")  # replaces
+    assert await env.read_file("d") == b"A"
+    await env.journal.flush()
+    env.ops.listings.invalidate("")
+    assert sorted(await env.listdir("")) == ["d"]
+    assert await env.read_file("d") == b"A"
+    with pytest.raises(FUSEError) as err:
+        await env.write_file("e", b"E")
+        await env.rename("e", "d", pyfuse3.RENAME_NOREPLACE)
+    assert err.value.errno == errno.EEXIST
+
+
+async def test_rename_pending_then_overwrite_like_rsync(env: FS) -> None:
+    await env.mkdir("dst")
+    for round_ in range(3):
+        await env.write_file("dst/.file.tmp", pattern(1000, round_))
+        await env.rename("dst/.file.tmp", "dst/file")
+    await env.journal.flush()
+    env.ops.listings.invalidate("dst")
+    assert sorted(await env.listdir("dst")) == ["file"]
+    assert await env.read_file("dst/file") == pattern(1000, 2)
+
+
+async def test_rename_folder(env: FS) -> None:
+    await env.mkdir("old")
+    await env.mkdir("old/sub")
+    await env.mkdir("old/empty")
+    await env.write_file("old/a", b"a")
+    await env.write_file("old/sub/b", b"b")
+    await env.journal.flush()
+    await env.write_file("old/sub/pending", b"p")  # not uploaded yet, maybe
+    await env.rename("old", "new")
+    assert not await env.exists("old")
+    assert await env.read_file("new/a") == b"a"
+    assert await env.read_file("new/sub/b") == b"b"
+    assert await env.read_file("new/sub/pending") == b"p"
+    await env.journal.flush()
+    env.ops.listings.invalidate_below("")
+    assert sorted(await env.listdir("new")) == ["a", "empty", "sub"]
+    assert sorted(await env.listdir("new/sub")) == ["b", "pending"]
+    assert not await env.exists("old")
+
+
+async def test_rmdir_not_a_dir_and_unlink_a_dir(env: FS) -> None:
+    await env.write_file("f", b"")
+    await env.mkdir("d")
+    with pytest.raises(FUSEError) as err:
+        await env.rmdir("f")
+    assert err.value.errno == errno.ENOTDIR
+    with pytest.raises(FUSEError) as err:
+        await env.unlink("d")
+    assert err.value.errno == errno.EISDIR
+
+
+# -- what cannot be read --------------------------------------------------------------------------
+
+
+async def test_foreign_object(env: FS) -> None:
+    await env.store.put("raw.bin", b"not an envelope at all")
+    listing = await env.listdir("")
+    st = listing["raw.bin"]
+    assert st.st_size == len(b"not an envelope at all")
+    assert stat.S_IMODE(st.st_mode) == 0o400
+    with pytest.raises(FUSEError) as err:
+        await env.open("raw.bin")
+    assert err.value.errno == errno.EACCES
+    parent, name = await env.parent("raw.bin")
+    with pytest.raises(FUSEError) as err:
+        await env.ops.create(parent, name, 0o644, os.O_WRONLY, CTX)
+    assert err.value.errno == errno.EEXIST
+    await env.write_file("mine", b"x")
+    with pytest.raises(FUSEError) as err:
+        await env.rename("mine", "raw.bin")
+    assert err.value.errno == errno.EPERM
+    assert (await env.store.get("raw.bin")) == b"not an envelope at all"
+
+
+async def test_not_shared_with_us(env: FS) -> None:
+    other = EncryptedStore(env.store, Identity.generate())
+    await other.put("theirs", b"their secret")
+    listing = await env.listdir("")
+    assert listing["theirs"].st_size == len(b"their secret")
+    with pytest.raises(FUSEError) as err:
+        await env.open("theirs")
+    assert err.value.errno == errno.EACCES
+    writer = await env.getxattr("theirs", "user.cssfs.writer")
+    assert writer
+    assert await env.getxattr("theirs", "user.cssfs.signature") == b"valid"
+
+
+async def test_tampered_object_is_eio(env: FS, caplog: pytest.LogCaptureFixture) -> None:
+    data = pattern(3 * CS)
+    await env.write_file("t", data)
+    await env.journal.flush()
+    key = "t"
+    raw = bytearray(await env.store.get(key))
+    raw[4096 + CS + 100] ^= 1  # inside chunk 1
+    await env.store.put(key, bytes(raw))
+    env.ops.listings.invalidate("")
+    fh = await env.open("t")
+    assert await env.ops.read(fh, 0, 100) == data[:100]
+    with pytest.raises(FUSEError) as err:
+        await env.ops.read(fh, CS, 100)
+    assert err.value.errno == errno.EIO
+    await env.ops.release(fh)
+    assert any("t" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+# -- extended attributes --------------------------------------------------------------------------
+
+
+async def test_xattrs(env: FS) -> None:
+    await env.write_file("x", b"data")
+    names = await env.ops.listxattr(await env.inode("x"), CTX)
+    assert set(names) == {b"user.cssfs.writer", b"user.cssfs.recipients",
+                          b"user.cssfs.signature"}
+    own = env.ops.encstore.identity.recipient
+    await env.journal.flush()
+    env.ops.listings.invalidate("")
+    assert await env.getxattr("x", "user.cssfs.signature") == b"valid"
+    assert own.key_id.hex().encode() in await env.getxattr("x", "user.cssfs.recipients")
+    with pytest.raises(FUSEError) as err:
+        await env.getxattr("x", "user.other")
+    assert err.value.errno == pyfuse3.ENOATTR
+    with pytest.raises(FUSEError) as err:
+        await env.ops.setxattr(await env.inode("x"), b"user.a", b"b", CTX)
+    assert err.value.errno == errno.ENOTSUP
+
+
+async def test_read_only_mount(env: FS) -> None:
+    env.ops.read_only = True
+    with pytest.raises(FUSEError) as err:
+        await env.mkdir("d")
+    assert err.value.errno == errno.EROFS
+    with pytest.raises(FUSEError) as err:
+        await env.create("f")
+    assert err.value.errno == errno.EROFS
+
+
+async def test_statfs(env: FS) -> None:
+    data = await env.ops.statfs(CTX)
+    assert data.f_namemax == 255
+    assert data.f_bavail > 0
+
+
+async def test_forget_drops_inodes(env: FS) -> None:
+    await env.write_file("g", b"")
+    inode = await env.inode("g")
+    node = env.ops.inodes.get(inode)
+    await env.ops.forget([(inode, node.lookups)])
+    with pytest.raises(KeyError):
+        env.ops.inodes.get(inode)
