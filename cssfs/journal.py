@@ -43,18 +43,17 @@ from __future__ import annotations
 
 import base64
 import errno
-import io
 import json
 import logging
 import math
 import os
 import random
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, cast
+from typing import Any, BinaryIO, Literal
 
 import trio
 
@@ -62,8 +61,10 @@ from cssfs.encstore import EncryptedStore
 from cssfs.envelope import (
     CHUNK_SIZE,
     HEADER_SIZE,
+    EnvelopeWriter,
     OpenedEnvelope,
     check_envelope_size,
+    chunk_count,
     chunk_range,
     chunks_for,
     open_header,
@@ -71,6 +72,7 @@ from cssfs.envelope import (
     table_range,
 )
 from cssfs.errors import (
+    ConfigError,
     CssfsError,
     FormatError,
     JournalError,
@@ -79,6 +81,7 @@ from cssfs.errors import (
     StoreError,
     StoreUnavailableError,
 )
+from cssfs.keys import Recipient
 from cssfs.staging import PlainFile
 from cssfs.store.base import ObjectInfo
 
@@ -93,6 +96,8 @@ MAX_BACKOFF_S = 60.0
 MAX_BACKOFF_PERMANENT_S = 300.0
 _MAX_RECHECKS = 5
 _INLINE_CHUNKS = 2
+#: Chunks sealed per worker-thread hop at commit (2 MiB).
+SEAL_BATCH_CHUNKS = 32
 
 QUEUED: Literal["queued"] = "queued"
 RUNNING: Literal["running"] = "running"
@@ -256,6 +261,7 @@ class _Record:
     put: _Op | None = None
     cleanup: list[_Op] = field(default_factory=list)
     header_redo: bytes | None = None
+    disk_put: bool = False  # whether the sidecar on disk still asks for the put
     users: int = 0  # RUNNING puts reading the envelope file
     removed: bool = False
 
@@ -264,30 +270,6 @@ class _Record:
 class _Current:
     etag: str
     salt: bytes | None
-
-
-class _ThreadReader(io.RawIOBase):
-    """A blocking reader over an async PlainFile, for encrypt_stream in a trio worker thread."""
-
-    def __init__(self, source: PlainFile) -> None:
-        self._source = source
-        self._size = source.size
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        n = min(len(view), self._size - self._pos)
-        if n <= 0:
-            return 0
-        data = trio.from_thread.run(self._source.read, self._pos, n)
-        if not data:
-            return 0
-        view[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
 
 
 class PendingFile:
@@ -400,6 +382,7 @@ class Journal:
         self._running = 0
         self._wakeup = trio.Event()
         self._sealing: dict[str, int] = {}
+        self._seal_files: set[str] = set()  # temporary files of commits in progress
         self._sealing_done = trio.Event()
         self._stats = JournalStats()
         self._replayed = False
@@ -499,6 +482,7 @@ class Journal:
             raise JournalError(
                 f"cannot write journal entry {record.seq}: {exc.strerror}", exc.errno
             ) from exc
+        record.disk_put = data["put"] is not None
 
     async def _settle(self, record: _Record) -> None:
         """Bring a record's files in line after some of its ops finished: remove them when
@@ -512,8 +496,8 @@ class Journal:
                 record.removed = True
                 self._records.pop(record.seq, None)
                 await trio.to_thread.run_sync(self._remove_record_sync, record)
-            elif record.put is None and record.env is not None:
-                await self._persist(record)
+            elif record.put is None and record.disk_put:
+                await self._persist(record)  # a replay must not upload the landed put again
         except (OSError, JournalError) as exc:
             log.warning("journal: could not tidy entry %d: %s", record.seq, exc)
 
@@ -616,9 +600,12 @@ class Journal:
         nothing journaled before is affected.
         """
         self._sealing[key] = self._sealing.get(key, 0) + 1
+        tmp_name = ""
         try:
             tmp: Path | None = self.directory / f"seal-{secrets.token_hex(8)}.tmp"
             assert tmp is not None
+            tmp_name = tmp.name
+            self._seal_files.add(tmp_name)
             env = await self._seal(tmp, key, staged, mtime_ns, mode)
             try:
                 async with self._mutex:
@@ -652,6 +639,7 @@ class Journal:
             log.debug("journal: committed entry %d (%d bytes)", seq, env.size)
             return PendingInfo(key, env.size, env.mtime_ns, env.mode)
         finally:
+            self._seal_files.discard(tmp_name)
             self._sealing[key] -= 1
             if not self._sealing[key]:
                 del self._sealing[key]
@@ -661,34 +649,66 @@ class Journal:
     async def _seal(
         self, path: Path, key: str, staged: PlainFile, mtime_ns: int, mode: int
     ) -> _Envelope:
-        """Encrypt ``staged`` into a new envelope file at ``path`` and fsync it."""
+        """Encrypt ``staged`` into a new envelope file at ``path`` (bound to ``key``), fsynced.
+
+        The plaintext is read here, in the trio task (a StagedFile may have to fetch clean
+        chunks from its base), and sealed in worker threads a batch at a time; a worker never
+        waits for a read, so sealing cannot starve the reads of the CPU limiter.
+        """
+        recipients = await self._enc.recipients_of(key)
+        writer = EnvelopeWriter(
+            self._identity, recipients, binding=self._enc.binding_for(key), mtime_ns=mtime_ns,
+            mode=mode & 0o7777,
+        )
+        size = staged.size
+        count = chunk_count(size)
         try:
-            f = await trio.to_thread.run_sync(_create_exclusive, path)
+            fd = await trio.to_thread.run_sync(_create_exclusive, path)
         except OSError as exc:
             raise JournalError(
                 f"cannot write the journal for {key}: {exc.strerror}", exc.errno
             ) from exc
         ok = False
         try:
-            reader = cast(BinaryIO, _ThreadReader(staged))
-            try:
-                await self._enc.seal_to_file(key, reader, f, mtime_ns=mtime_ns, mode=mode)
-                head, cipher_size = await trio.to_thread.run_sync(_finish_env_file, f)
-            except OSError as exc:
-                raise JournalError(
-                    f"cannot write the journal for {key}: {exc.strerror}", exc.errno
-                ) from exc
-            header = parse_header(head)
-            check_envelope_size(header.plain_size, cipher_size)
+            offset = HEADER_SIZE
+            index = 0
+            while index < count:
+                batch: list[tuple[bytes, bool]] = []
+                while index < count and len(batch) < SEAL_BATCH_CHUNKS:
+                    start = index * CHUNK_SIZE
+                    data = await staged.read(start, CHUNK_SIZE) if size else b""
+                    if len(data) != min(CHUNK_SIZE, size - start):
+                        raise JournalError(f"{key} changed size while it was being sealed")
+                    batch.append((data, index == count - 1))
+                    index += 1
+                offset += await self._write_io(
+                    key, _seal_batch, writer, batch, fd, offset, limiter=self._enc.cpu_limiter
+                )
+            header, table = writer.finish()
+            await self._write_io(key, _finish_envelope, fd, header, table, offset)
+            cipher_size = offset + len(table)
+            check_envelope_size(size, cipher_size)
+            parsed = parse_header(header)
             ok = True
             return _Envelope(
-                path, header.salt, header.plain_size, cipher_size, header.binding,
-                header.mtime_ns, header.mode,
+                path, parsed.salt, size, cipher_size, parsed.binding, parsed.mtime_ns, parsed.mode
             )
         finally:
-            f.close()
+            os.close(fd)
             if not ok:
                 await trio.to_thread.run_sync(_unlink_quietly, path)
+
+    async def _write_io(
+        self, key: str, fn: Callable[..., int | None], *args: Any,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> int:
+        try:
+            result = await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot write the journal for {key}: {exc.strerror}", exc.errno
+            ) from exc
+        return result or 0
 
     async def _wait_sealing(self, *keys: str) -> None:
         while any(k in self._sealing for k in keys):
@@ -956,7 +976,9 @@ class Journal:
             if self._replayed:
                 return 0
             self._replayed = True
-            loaded = await trio.to_thread.run_sync(self._load_all, set(self._records))
+            loaded = await trio.to_thread.run_sync(
+                self._load_all, set(self._records), set(self._seal_files)
+            )
             for record, put, cleanup in loaded:
                 self._records[record.seq] = record
                 if put is not None:
@@ -977,13 +999,16 @@ class Journal:
             log.info("journal: %d entries to upload from an earlier session", count)
         return count
 
-    def _load_all(self, known: set[int]) -> list[tuple[_Record, _Op | None, list[_Op]]]:
+    def _load_all(
+        self, known: set[int], sealing: set[str]
+    ) -> list[tuple[_Record, _Op | None, list[_Op]]]:
         names = sorted(os.listdir(self.directory))
         referenced = {f"{seq:016d}.env" for seq in known}
         out: list[tuple[_Record, _Op | None, list[_Op]]] = []
         for name in names:
             if name.endswith(".tmp"):
-                _unlink_quietly(self.directory / name)
+                if name not in sealing:
+                    _unlink_quietly(self.directory / name)
                 continue
             if not name.endswith(".json"):
                 continue
@@ -1040,6 +1065,7 @@ class Journal:
                 "put", key, _Expect.from_json(put_data["expect"]), record, env=env,
                 mtime_ns=mtime_ns, mode=mode & 0o7777, attempted=True,
             )
+            record.disk_put = True
             conflict_of = put_data.get("conflict_of")
             if isinstance(conflict_of, str):
                 put.conflict_of = conflict_of
@@ -1133,6 +1159,17 @@ class Journal:
             self._kick()
 
     async def _run_put(self, op: _Op) -> None:
+        env = op.env
+        assert env is not None
+        key = op.key
+        add: Sequence[Recipient] = ()
+        if self._enc.binding_for(key) != env.binding:  # renamed: maybe into another folder
+            try:
+                add = await self._enc.recipients_of(key)
+            except StoreError as exc:
+                async with self._mutex:
+                    await self._attempt_failed(op, exc)
+                return
         async with self._mutex:
             if op.obsolete:  # renamed or replaced before it started: nothing in flight yet
                 op.record.users -= 1
@@ -1140,7 +1177,7 @@ class Journal:
                 await self._settle(op.record)
                 return
             try:
-                await self._reseal_if_needed(op)
+                await self._reseal_if_needed(op, add if op.key == key else ())
             except JournalError as exc:
                 await self._attempt_failed(op, exc)
                 return
@@ -1160,16 +1197,21 @@ class Journal:
             else:
                 await self._conflict(op)
 
-    async def _reseal_if_needed(self, op: _Op) -> None:
+    async def _reseal_if_needed(self, op: _Op, add: Sequence[Recipient]) -> None:
+        """Rewrite the envelope's header for op.key/mtime/mode (and ``add`` the recipients of
+        a folder it was renamed into) if it does not say so already."""
         env, record = op.env, op.record
         assert env is not None
         binding = self._enc.binding_for(op.key)
         if (env.binding, env.mtime_ns, env.mode) == (binding, op.mtime_ns, op.mode):
             return
         head = await trio.to_thread.run_sync(_read_head, env.path)
-        new = open_header(head, self._identity).reseal(
-            binding=binding, mtime_ns=op.mtime_ns, mode=op.mode
-        )
+        opened = open_header(head, self._identity)
+        try:
+            new = opened.reseal(add=add, binding=binding, mtime_ns=op.mtime_ns, mode=op.mode)
+        except ConfigError as exc:  # too many recipients for one header: keep the old ones
+            log.warning("journal: entry %d keeps its recipients: %s", record.seq, exc)
+            new = opened.reseal(binding=binding, mtime_ns=op.mtime_ns, mode=op.mode)
         record.header_redo = new
         await self._persist(record)  # the redo record first: a torn write is repaired at replay
         try:
@@ -1387,15 +1429,34 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
 
 
-def _create_exclusive(path: Path) -> BinaryIO:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    return os.fdopen(fd, "w+b")
+def _create_exclusive(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
 
 
-def _finish_env_file(f: BinaryIO) -> tuple[bytes, int]:
-    f.flush()
-    os.fsync(f.fileno())
-    return os.pread(f.fileno(), HEADER_SIZE, 0), os.fstat(f.fileno()).st_size
+def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _seal_batch(
+    writer: EnvelopeWriter, batch: list[tuple[bytes, bool]], fd: int, offset: int
+) -> int:
+    """Seal a batch of chunks and write the ciphertext at ``offset``; its length."""
+    out = bytearray()
+    for data, last in batch:
+        out += writer.seal_chunk(data, last=last)
+    _pwrite_all(fd, out, offset)
+    return len(out)
+
+
+def _finish_envelope(fd: int, header: bytes, table: bytes, offset: int) -> None:
+    """The chunk table after the payload, the header in front, then fsync."""
+    _pwrite_all(fd, table, offset)
+    _pwrite_all(fd, header, 0)
+    os.fsync(fd)
 
 
 def _read_head(path: Path) -> bytes:

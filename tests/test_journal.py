@@ -618,3 +618,69 @@ async def test_full_disk_is_a_clear_error_and_loses_nothing(tiny_fs: Path,
     async with uploading(m.journal):
         await m.journal.flush()
     assert await m.keys() == {"small"}
+
+
+# -- bigger and wider -------------------------------------------------------------------------
+
+
+async def test_large_file_over_an_existing_version(mount: Mount) -> None:
+    """Open for write over a stored file: copy-on-write from the EncryptedFile, multipart up."""
+    m = mount
+    data = os.urandom(6 * 1024 * 1024 + 123)  # above the 5 MiB part size of the s3 fixture
+    info = await m.enc.put("big.bin", data, mtime_ns=1, mode=0o644)
+    base = await m.enc.open("big.bin")
+    staged = StagedFile(m.budget, base)
+    await staged.write(3 * CS + 7, CANARY)
+    await m.journal.commit("big.bin", staged, mtime_ns=2, mode=0o644, base_etag=info.etag)
+    await staged.aclose()
+    assert scan_for(m.state, CANARY) == []
+    async with uploading(m.journal):
+        await m.journal.flush()
+    want = bytearray(data)
+    want[3 * CS + 7 : 3 * CS + 7 + len(CANARY)] = CANARY
+    assert await m.read("big.bin") == want
+    assert m.journal.stats().conflicts == 0
+
+
+async def test_uploads_are_bounded_and_all_land(tmp_path: Path, identity: Identity) -> None:
+    m = Mount(tmp_path / "s", MemoryStore(), identity, max_uploads=3)
+    busy = peak = 0
+    inner_put = m.gated.put
+
+    async def counting_put(key: str, body: Any, **kw: Any) -> Any:
+        nonlocal busy, peak
+        busy += 1
+        peak = max(peak, busy)
+        try:
+            await trio.sleep(0.01)
+            return await inner_put(key, body, **kw)
+        finally:
+            busy -= 1
+
+    m.gated.put = counting_put  # type: ignore[method-assign]
+    for i in range(12):
+        await m.commit(f"many/{i:02d}", f"file {i}".encode())
+    async with uploading(m.journal):
+        await m.journal.flush()
+    assert peak == 3
+    assert len(await m.keys()) == 12
+    assert m.journal.stats().uploaded == 12
+
+
+async def test_rename_into_a_shared_folder_adds_its_recipients(tmp_path: Path,
+                                                               identity: Identity) -> None:
+    bob = Identity.generate()
+    store = MemoryStore()
+    m = Mount(tmp_path / "s", store, identity)
+
+    async def recipients_for(key: str) -> list[Any]:
+        return [bob.recipient] if key.startswith("shared/") else []
+
+    m.enc.recipients_for = recipients_for
+    await m.commit("private/draft", b"for bob, once it moves")
+    assert await m.journal.rename("private/draft", "shared/final")
+    async with uploading(m.journal):
+        await m.journal.flush()
+    as_bob = EncryptedStore(store, bob)
+    f = await as_bob.open("shared/final")
+    assert await f.read(0, 100) == b"for bob, once it moves"
