@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from cssfs.cli import Subparsers
     from cssfs.encstore import EncryptedStore, Entry, HeaderInfo
     from cssfs.keys import Identity, Recipient
-    from cssfs.store.base import ObjectStore
+    from cssfs.store.base import Listing, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -450,12 +450,16 @@ async def _listing(store: ObjectStore, loc: Location) -> tuple[list[Entry], str]
     the one file the location names."""
     from cssfs.encstore import entries_from_listing
 
+    def contents(listing: Listing, base: str) -> list[Entry]:
+        # The folder's own marker object ("a/", zero bytes) is the folder, not an entry in it.
+        return [e for e in entries_from_listing(listing) if e.key != base]
+
     key = loc.key
     if loc.is_folder:
-        return entries_from_listing(await store.list(key, "/")), key
-    entries = entries_from_listing(await store.list(key + "/", "/"))
-    if entries:
-        return entries, key + "/"
+        return contents(await store.list(key, "/"), key), key
+    listing = await store.list(key + "/", "/")
+    if listing.objects or listing.prefixes:
+        return contents(listing, key + "/"), key + "/"
     parent = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
     exact = [e for e in entries_from_listing(await store.list(key, "/")) if e.key == key]
     if not exact:

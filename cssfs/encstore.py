@@ -119,8 +119,7 @@ class _Lru(Generic[K, V]):
         while len(self._d) > self.max_entries:
             self._d.popitem(last=False)
 
-    def drop_where(self, pred: object) -> None:
-        assert callable(pred)
+    def drop_where(self, pred: Callable[[K], bool]) -> None:
         for k in [k for k in self._d if pred(k)]:
             del self._d[k]
 
@@ -337,6 +336,7 @@ class EncryptedStore:
         self._in_flight: dict[tuple[str, str, int], _Flight] = {}
         self._own = identity.recipient
         self._exit_stack: AsyncExitStack | None = None
+        self._warned: _Lru[tuple[str, str], bool] = _Lru(1024)
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -359,6 +359,13 @@ class EncryptedStore:
     def binding_for(self, key: str) -> bytes:
         """The object binding an envelope stored under ``key`` must carry."""
         return object_binding(self.store.full_key(key))
+
+    def _warn(self, key: str, etag: str, what: str) -> None:
+        """Log a damaged object at WARNING once per version (then at DEBUG): the object key and
+        what failed, never data or keys."""
+        level = logging.DEBUG if self._warned.get((key, etag)) else logging.WARNING
+        self._warned.put((key, etag), True)
+        log.log(level, "object %s: %s", key, what)
 
     def forget(self, key: str) -> None:
         """Drop everything cached about ``key`` (after another client changed it, say)."""
@@ -388,7 +395,7 @@ class EncryptedStore:
         try:
             info = self._header_info(key, etag, data)[0]
         except FormatError as exc:
-            log.warning("object %s: not a cssfs envelope: %s", key, exc)
+            self._warn(key, etag, f"not a cssfs envelope: {exc}")
             raise
         self._headers.put((key, etag), info)
         return info
@@ -483,7 +490,7 @@ class EncryptedStore:
             log.debug("object %s: not encrypted for this identity", key)
             raise
         except (FormatError, HeaderAuthError, SignatureError, PayloadError) as exc:
-            log.warning("object %s: %s", key, exc)
+            self._warn(key, etag, str(exc))
             raise
         return _OpenState(key, etag, cipher_size, opened, info)
 
@@ -510,9 +517,7 @@ class EncryptedStore:
             nursery.start_soon(fetch, "table", table_off, table_off + table_len)
         return parts["header"], parts["table"]
 
-    async def _chunks(
-        self, state: _OpenState, indexes: range, *, use_cache: bool = True
-    ) -> dict[int, bytes]:
+    async def _chunks(self, state: _OpenState, indexes: range) -> dict[int, bytes]:
         """Plaintext of chunks ``indexes`` of one object version: cache, shared flights, then
         coalesced ranged GETs for the rest."""
         out: dict[int, bytes] = {}
@@ -522,11 +527,10 @@ class EncryptedStore:
             waits: builtins.list[tuple[int, _Flight]] = []
             for i in pending:
                 ck = (state.key, state.etag, i)
-                if use_cache:
-                    data = self.cache.get(*ck)
-                    if data is not None:
-                        out[i] = data
-                        continue
+                data = self.cache.get(*ck)
+                if data is not None:
+                    out[i] = data
+                    continue
                 flight = self._in_flight.get(ck)
                 if flight is not None:
                     waits.append((i, flight))
@@ -567,9 +571,16 @@ class EncryptedStore:
                 nursery.start_soon(self._fetch_run, state, first, stop, out)
 
     async def _fetch_run(
-        self, state: _OpenState, first: int, stop: int, out: dict[int, bytes]
+        self,
+        state: _OpenState,
+        first: int,
+        stop: int,
+        out: dict[int, bytes],
+        *,
+        remember: bool = True,
     ) -> None:
-        """One ranged GET for chunks [first, stop), opened and put in ``out`` and the cache."""
+        """One ranged GET for chunks [first, stop), opened and put in ``out`` (and in the cache
+        if ``remember``)."""
         size = state.envelope.header.plain_size
         start = chunk_range(first, size)[0]
         last_off, last_len = chunk_range(stop - 1, size)
@@ -577,7 +588,7 @@ class EncryptedStore:
         data = await self.store.get(state.key, start, end)
         if len(data) != end - start:
             err = TruncatedError(f"chunks {first}-{stop - 1}: short read ({len(data)} bytes)")
-            log.warning("object %s: %s", state.key, err)
+            self._warn(state.key, state.etag, str(err))
             raise err
         if stop - first <= INLINE_CHUNKS:
             opened, failure = _open_run(state.envelope, first, stop, data, start)
@@ -587,9 +598,10 @@ class EncryptedStore:
             )
         for i, plain in opened:
             out[i] = plain
-            self.cache.put(state.key, state.etag, i, plain)
+            if remember:
+                self.cache.put(state.key, state.etag, i, plain)
         if failure is not None:
-            log.warning("object %s: %s", state.key, failure)
+            self._warn(state.key, state.etag, str(failure))
             raise failure
 
     def _prefetch(self, state: _OpenState, indexes: range) -> None:
@@ -624,7 +636,7 @@ class EncryptedStore:
 
         async def fetch_segment(seg: range, flight: _Flight) -> None:
             got: dict[int, bytes] = {}
-            await self._fetch_run(state, seg.start, seg.stop, got)
+            await self._fetch_run(state, seg.start, seg.stop, got, remember=False)
             flight.data = b"".join(got[i] for i in seg)
             flight.done.set()
 
@@ -826,13 +838,13 @@ class EncryptedStore:
         info = await self.store.head(src)
         if info.size <= self.store.part_size:
             data = await self.store.get(src)
-            new_head = self._rebind_logged(data[:HEADER_SIZE], src, dst)
+            new_head = self._rebind_logged(data[:HEADER_SIZE], src, dst, info.etag)
             result = await self.store.put(dst, new_head + data[HEADER_SIZE:])
         else:
             copied = await self.store.copy(src, dst)
             head = await self.store.get(dst, 0, HEADER_SIZE)
             try:
-                new_head = self._rebind_logged(head, src, dst)
+                new_head = self._rebind_logged(head, src, dst, info.etag)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self.store.delete([dst])
@@ -845,11 +857,11 @@ class EncryptedStore:
         self.forget(dst)
         return result
 
-    def _rebind_logged(self, head: bytes, src: str, dst: str) -> bytes:
+    def _rebind_logged(self, head: bytes, src: str, dst: str, etag: str) -> bytes:
         try:
             return self.rebind_header(head, dst, old_key=src)
         except (FormatError, HeaderAuthError, SignatureError) as exc:
-            log.warning("object %s: %s", src, exc)
+            self._warn(src, etag, str(exc))
             raise
 
 

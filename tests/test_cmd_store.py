@@ -221,6 +221,14 @@ def test_put_get_cat_ls_rm(people: dict[str, str], run: Run, env: Path, bucket: 
     ok(run("rm", "-r", f"{bucket}/docs"))
     assert ok(run("ls", str(bucket))).out == ""
 
+    # A folder marker object ("empty/", as the mount and the S3 console make) is the folder.
+    (bucket / "empty").mkdir()
+    (bucket / "empty" / ".cssfs-dirobj").write_bytes(b"")
+    assert ok(run("ls", str(bucket))).out == "empty/\n"
+    assert ok(run("ls", "-l", f"{bucket}/empty")).out == ""
+    ok(run("rm", "-r", f"{bucket}/empty/"))
+    assert ok(run("ls", str(bucket))).out == ""
+
 
 def test_put_from_stdin_and_get_to_stdout(
     people: dict[str, str], env: Path, bucket: Path, run: Run, monkeypatch: pytest.MonkeyPatch

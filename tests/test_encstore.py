@@ -90,6 +90,8 @@ async def test_round_trip_boundary_sizes(store: ObjectStore, me: Identity, size:
     data = pattern(size, size)
     info = await es.put("dir/file.bin", data, mtime_ns=1_700_000_000_123_456_789, mode=0o640)
     assert info.size == envelope_size(size)
+    assert store.stats.requests["put"] == 1  # small: one PUT, no multipart upload
+    assert store.stats.requests["create_multipart"] == 0
 
     [entry] = await es.list("dir/")
     assert (entry.key, entry.plain_size, entry.foreign) == ("dir/file.bin", size, False)
