@@ -13,12 +13,21 @@ the methods are relative to it, and :meth:`ObjectStore.full_key` gives the key i
 ETags are opaque strings without quotes. Two infos with the same key and ETag describe the same
 bytes; a different ETag means the object may have changed. A put, copy or replace_head returns the
 new object's info, so a caller can make its next write conditional on it (``if_match``).
+
+Unfinished uploads (``list_uploads``/``abort_upload``, for ``cssfs fsck``): incomplete S3
+multipart uploads, or temp files a folder store left behind. An S3 multipart upload started by a
+cssfs store is marked by an empty object ``<store prefix>.cssfs-uploads/<upload_marker_name>``
+(S3 does not return an upload's metadata or tags in a listing, so a marker object is the only mark
+a later reader can see); an upload without one may be another tool's and is never aborted by
+cssfs on its own initiative.
 """
 
 from __future__ import annotations
 
 import abc
+import builtins
 import contextlib
+import hashlib
 import inspect
 from collections import Counter
 from collections.abc import (
@@ -43,6 +52,7 @@ __all__ = [
     "DELETE_BATCH",
     "MAX_PARTS",
     "MIN_PART_SIZE",
+    "UPLOAD_MARKERS",
     "Body",
     "Listing",
     "ObjectInfo",
@@ -51,11 +61,13 @@ __all__ = [
     "PartSource",
     "StoreBase",
     "StoreStats",
+    "UploadInfo",
     "batched",
     "check_key",
     "check_range",
     "make_listing",
     "normalize_prefix",
+    "upload_marker_name",
 ]
 
 MiB = 1024 * 1024
@@ -64,6 +76,7 @@ MIN_PART_SIZE = 5 * MiB  # S3: every part but the last must be at least this lar
 MAX_PARTS = 10_000  # S3: part numbers 1..10000
 DEFAULT_CONCURRENCY = 4  # parts uploaded at once (and so held in memory) per put
 DELETE_BATCH = 1000  # keys per DeleteObjects request
+UPLOAD_MARKERS = ".cssfs-uploads/"  # folder (below a store prefix) of multipart upload markers
 
 
 @dataclass(frozen=True)
@@ -85,14 +98,42 @@ class Listing:
     prefixes: list[str]
 
 
+@dataclass(frozen=True)
+class UploadInfo:
+    """An upload that was started and neither completed nor aborted.
+
+    ``key``: the object it was writing (relative to the store prefix; for a folder store's temp
+    file, its path ``.cssfs-tmp/NAME``). ``upload_id``: what ``abort_upload`` needs. ``ours``:
+    certainly started by a cssfs store (S3: its marker exists; folder: the store's own temp
+    folder). ``initiated`` and ``last_activity`` (the newest part or write) are epoch seconds;
+    ``size`` is the bytes uploaded so far in ``parts`` parts.
+    """
+
+    key: str
+    upload_id: str
+    initiated: float
+    last_activity: float
+    size: int
+    parts: int
+    ours: bool
+
+
+def upload_marker_name(full_key: str, upload_id: str) -> str:
+    """The name, inside a ``.cssfs-uploads/`` folder, of the marker of one multipart upload of
+    the bucket key ``full_key``: 32 hex digits of SHA-256 over the key and the upload id."""
+    digest = hashlib.sha256(full_key.encode("utf-8") + b"\0" + upload_id.encode("utf-8"))
+    return digest.hexdigest()[:32]
+
+
 @dataclass
 class StoreStats:
     """Requests by kind and payload bytes moved, counted per attempt (a retry counts again).
 
     Kinds shared by every store: ``list`` (one per page), ``head``, ``get``, ``put``, ``copy``,
     ``delete`` (one per batch of up to 1000 keys). S3 adds ``create_multipart``, ``upload_part``,
-    ``upload_part_copy``, ``complete_multipart``, ``abort_multipart``. ``retries`` counts
-    attempts that were repeated after a transient failure.
+    ``upload_part_copy``, ``complete_multipart``, ``abort_multipart``, ``list_uploads``,
+    ``list_parts`` and ``upload_marker`` (a marker put or a batch of them deleted).
+    ``retries`` counts attempts that were repeated after a transient failure.
     """
 
     requests: Counter[str] = field(default_factory=Counter)
@@ -241,6 +282,15 @@ class ObjectStore(Protocol):
         """Delete the objects, in batches of 1000; keys that do not exist are fine."""
         ...
 
+    async def list_uploads(self, prefix: str = "") -> builtins.list[UploadInfo]:
+        """Unfinished uploads of keys under ``prefix`` (see the module docstring), by key."""
+        ...
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort one upload ``list_uploads`` returned and free what it holds (its marker too);
+        one that is already gone is fine."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections and threads; the store must not be used afterwards."""
         ...
@@ -387,6 +437,14 @@ class StoreBase(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, keys: Sequence[str]) -> None: ...
+
+    async def list_uploads(self, prefix: str = "") -> builtins.list[UploadInfo]:
+        """No store but S3 and the folder store can leave unfinished uploads behind."""
+        await trio.lowlevel.checkpoint()
+        return []
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        await trio.lowlevel.checkpoint()
 
     async def replace_head(
         self, key: str, new_head: bytes, old_head_len: int, *, if_match: str | None = None

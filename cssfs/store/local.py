@@ -16,7 +16,9 @@ over the target; then the directory is fsynced. The check of a conditional put, 
 creation of parent directories and the pruning of emptied ones all happen under the store lock:
 a ``threading.Lock`` (other tasks and stores in this process) plus ``fcntl.flock`` on
 ``.cssfs-tmp/lock`` (other processes), so conditional puts are atomic against any writer that uses
-this class. Temp files older than a day (left by a crash) are removed at the first write.
+this class. Temp files older than a day (left by a crash) are removed at the first write;
+``list_uploads`` shows the temp files there (keys ``.cssfs-tmp/NAME``) and ``abort_upload`` removes
+one, for ``cssfs fsck``.
 
 ETag: the first 32 hex digits of BLAKE2b over the file's (st_dev, st_ino, st_size, st_mtime_ns,
 st_ctime_ns), taken after the rename. It costs one ``stat`` (LIST stays cheap), it is stable while
@@ -60,6 +62,7 @@ from cssfs.store.base import (
     ObjectInfo,
     PartReader,
     StoreBase,
+    UploadInfo,
     as_part_source,
     batched,
     check_key,
@@ -548,6 +551,53 @@ class LocalStore(StoreBase):
             if entry.is_dir(follow_symlinks=False) and self._has_objects(entry.path):
                 return True
         return False
+
+    async def list_uploads(self, prefix: str = "") -> builtins.list[UploadInfo]:
+        """The temp files in ``.cssfs-tmp/``: puts that crashed, or that are running now (their
+        ``last_activity`` is recent). Their keys are ``.cssfs-tmp/NAME``."""
+        return await self._run(self._list_uploads, prefix)
+
+    def _list_uploads(self, prefix: str) -> builtins.list[UploadInfo]:
+        self._check_root()
+        found: builtins.list[UploadInfo] = []
+        try:
+            with os.scandir(self._tmp_dir) as it:
+                entries = list(it)
+        except (FileNotFoundError, NotADirectoryError):
+            return found
+        for entry in entries:
+            key = f"{TMP_DIR}/{entry.name}"
+            if not entry.name.endswith(".tmp") or not key.startswith(prefix):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # its put finished meanwhile
+            if stat.S_ISREG(st.st_mode):
+                mtime = st.st_mtime_ns / 1e9
+                found.append(UploadInfo(key, entry.name, mtime, mtime, st.st_size, 1, True))
+        found.sort(key=lambda u: u.key)
+        return found
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        if (
+            key != f"{TMP_DIR}/{upload_id}"
+            or not upload_id.endswith(".tmp")
+            or "/" in upload_id
+            or upload_id.startswith(".")
+        ):
+            raise ValueError(f"{self.where(key)}: not a temp file of this store")
+        self.stats.count("delete")
+        path = os.path.join(self._tmp_dir, upload_id)
+
+        def remove() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+        try:
+            await self._run(remove)
+        except OSError as exc:
+            raise self._os_error(exc, "DELETE", key) from exc
 
     async def aclose(self) -> None:
         await self._run(self._close_lock)

@@ -22,10 +22,20 @@ multipart upload a HEAD checks the condition too, so an upload that is bound to 
 right). If a conditional request is retried after its first attempt succeeded but the answer was
 lost, the retry gets 412; the store then checks whether the object's ETag is the one its own body
 would have (MD5, or MD5 of part MD5s) and, if so, reports success.
+
+Upload markers. Every multipart upload this store starts is marked by an empty object
+``<prefix>.cssfs-uploads/<upload_marker_name>``, put alongside its first parts (a failure to put
+it is logged at DEBUG and does not stop the upload). S3 lists incomplete uploads with neither
+metadata nor tags, so the marker is how ``cssfs fsck`` tells an upload cssfs started (and may
+abort when it is stale) from another tool's (which it must leave alone). Markers of finished
+uploads are deleted in one batch at the next multipart upload or at ``aclose()``; one left by a
+crash is garbage ``cssfs fsck --repair`` removes. ``list_uploads`` looks for an upload's marker
+below every folder above its key, so a store on a shorter prefix finds it too.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import email.utils
 import hashlib
@@ -56,16 +66,19 @@ from cssfs.store.base import (
     DEFAULT_PART_SIZE,
     MAX_PARTS,
     MIN_PART_SIZE,
+    UPLOAD_MARKERS,
     Body,
     Listing,
     ObjectInfo,
     PartReader,
     PartSource,
     StoreBase,
+    UploadInfo,
     as_part_source,
     batched,
     check_range,
     check_replace_head,
+    upload_marker_name,
 )
 from cssfs.store.retry import DEFAULT_RETRY, RetryPolicy, TransientError, retrying
 
@@ -205,6 +218,7 @@ class S3Store(StoreBase):
         self._limiter = trio.CapacityLimiter(max_connections)
         self._bucket_seen = False
         self._orphans: set[_Upload] = set()
+        self._finished_markers: list[str] = []  # full keys of markers to delete (batched)
         try:
             session = boto3.session.Session(profile_name=profile, region_name=region)
         except botocore.exceptions.ProfileNotFound:
@@ -287,7 +301,8 @@ class S3Store(StoreBase):
             return StoreError(f"{what}: TLS error ({exc})")
         if isinstance(
             exc,
-            botocore.exceptions.HTTPClientError  # connection refused/reset, timeouts
+            botocore.exceptions.HTTPClientError  # connection reset/closed, read timeouts
+            | botocore.exceptions.ConnectionError  # refused, connect timeouts
             | botocore.exceptions.ResponseStreamingError
             | botocore.exceptions.IncompleteReadError
             | ConnectionError
@@ -474,6 +489,7 @@ class S3Store(StoreBase):
                 sizes: dict[int, int] = {}
 
                 async def produce(start: _Start) -> None:
+                    start(0, partial(self._mark, upload), False)
                     number, data = 2, second
                     while data:
                         if number > MAX_PARTS:
@@ -504,7 +520,8 @@ class S3Store(StoreBase):
     async def _send_parts(
         self, produce: Callable[[_Start], Awaitable[None]], tokens: trio.Semaphore
     ) -> dict[int, str]:
-        """Run the part jobs ``produce`` hands over, in parallel; their ETags by part number.
+        """Run the part jobs ``produce`` hands over, in parallel; their ETags by part number
+        (a job numbered 0 runs too but is not a part: the upload marker).
 
         ``produce(start)`` calls ``start(number, job, holds_token)`` for each part; a job that
         holds a token releases it when it is done. The first failure (of a job or of ``produce``)
@@ -516,7 +533,9 @@ class S3Store(StoreBase):
 
             async def run(number: int, job: _Job, holds_token: bool) -> None:
                 try:
-                    etags[number] = await job()
+                    etag = await job()
+                    if number:  # job 0 is not a part (the upload marker)
+                        etags[number] = etag
                 except Exception as exc:
                     failures.append(exc)
                     nursery.cancel_scope.cancel()
@@ -594,8 +613,10 @@ class S3Store(StoreBase):
             if calls > 1:
                 landed = await self._landed(upload.key, _multipart_etag(etags))
                 if landed is not None:
+                    self._finished_markers.append(self._marker_key(upload))
                     return landed
             raise
+        self._finished_markers.append(self._marker_key(upload))
         return ObjectInfo(upload.key, size, _etag(response["ETag"]), _server_time(response))
 
     async def _abort(self, upload: _Upload) -> None:
@@ -610,7 +631,8 @@ class S3Store(StoreBase):
                 policy=_ABORT_RETRY,
             )
         except NoSuchObjectError:
-            pass  # already gone (completed or aborted)
+            self._orphans.discard(upload)  # already gone (completed or aborted)
+            self._finished_markers.append(self._marker_key(upload))
         except StoreError as exc:
             self._orphans.add(upload)
             log.warning(
@@ -620,6 +642,142 @@ class S3Store(StoreBase):
             )
         else:
             self._orphans.discard(upload)
+            self._finished_markers.append(self._marker_key(upload))
+
+    # -- upload markers and unfinished uploads ---------------------------------------------------
+
+    def _marker_key(self, upload: _Upload) -> str:
+        """The full key of the marker this store puts for ``upload``."""
+        return self.prefix + UPLOAD_MARKERS + upload_marker_name(upload.full_key, upload.upload_id)
+
+    def _marker_candidates(self, full_key: str, upload_id: str) -> builtins.list[str]:
+        """Where a marker of this upload may be: below this store's prefix first, then below
+        every other folder above the key (a store on another prefix may have started it)."""
+        name = UPLOAD_MARKERS + upload_marker_name(full_key, upload_id)
+        folders = [""] + [full_key[: i + 1] for i, c in enumerate(full_key) if c == "/"]
+        return [self.prefix + name] + [f + name for f in folders if f != self.prefix]
+
+    async def _mark(self, upload: _Upload) -> str:
+        """Put the marker of ``upload``, then delete those of finished uploads. Never fails:
+        an unmarked upload is only one fsck will not dare abort."""
+        marker = self._marker_key(upload)
+        try:
+            await self._call(
+                "upload_marker",
+                self.where(upload.key),
+                lambda: self._client.put_object(Bucket=self.bucket, Key=marker, Body=b""),
+                policy=_ABORT_RETRY,
+            )
+        except StoreError as exc:
+            log.debug("%s: could not mark the multipart upload (%s)", self.where(upload.key), exc)
+        await self._delete_markers()
+        return ""
+
+    async def _delete_markers(self, extra: Sequence[str] = ()) -> None:
+        """Delete the markers of finished uploads (and ``extra`` full keys); never fails."""
+        keys, self._finished_markers = [*self._finished_markers, *extra], []
+        for batch in batched(keys):
+            objects: list[ObjectIdentifierTypeDef] = [{"Key": key} for key in batch]
+            try:
+                await self._call(
+                    "upload_marker",
+                    f"{self.url} upload markers",
+                    partial(
+                        self._client.delete_objects,
+                        Bucket=self.bucket,
+                        Delete={"Objects": objects, "Quiet": True},
+                    ),
+                    policy=_ABORT_RETRY,
+                )
+            except StoreError as exc:
+                log.debug(
+                    "%s: could not delete %d upload marker(s) (%s)", self.url, len(batch), exc
+                )
+
+    async def list_uploads(self, prefix: str = "") -> builtins.list[UploadInfo]:
+        n = len(self.prefix)
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+        found: builtins.list[tuple[str, str, float]] = []
+        while True:
+            page: Any = await self._call(
+                "list_uploads",
+                self.where(prefix),
+                partial(self._client.list_multipart_uploads, **params),
+            )
+            for item in page.get("Uploads", ()):
+                if item["Key"][n:]:
+                    found.append((item["Key"], item["UploadId"], item["Initiated"].timestamp()))
+            if not page.get("IsTruncated"):
+                break
+            params["KeyMarker"] = page.get("NextKeyMarker", "")
+            params["UploadIdMarker"] = page.get("NextUploadIdMarker", "")
+        infos: builtins.list[UploadInfo] = []
+        limiter = trio.CapacityLimiter(DEFAULT_CONCURRENCY)
+
+        async def one(full_key: str, upload_id: str, initiated: float) -> None:
+            async with limiter:
+                info = await self._upload_info(full_key, upload_id, initiated)
+            if info is not None:
+                infos.append(info)
+
+        async with trio.open_nursery() as nursery:
+            for item in found:
+                nursery.start_soon(one, *item)
+        infos.sort(key=lambda u: (u.key, u.initiated, u.upload_id))
+        return infos
+
+    async def _upload_info(
+        self, full_key: str, upload_id: str, initiated: float
+    ) -> UploadInfo | None:
+        """The parts and the marker of one upload; None if it finished meanwhile."""
+        key = full_key[len(self.prefix) :]
+        marked: float | None = None
+        for marker in self._marker_candidates(full_key, upload_id):
+            try:
+                head: Any = await self._call(
+                    "head",
+                    f"{self.url} upload marker",
+                    partial(self._client.head_object, Bucket=self.bucket, Key=marker),
+                )
+            except (NoSuchObjectError, AccessDeniedError):
+                continue
+            marked = head["LastModified"].timestamp()
+            break
+        # The marker is put just after the upload was created: its time is the creation time
+        # on servers whose Initiated is not (moto's is a constant).
+        started = initiated if marked is None else max(initiated, marked)
+        size = parts = 0
+        last = started
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": full_key, "UploadId": upload_id}
+        while True:
+            try:
+                page: Any = await self._call(
+                    "list_parts",
+                    self.where(key),
+                    partial(self._client.list_parts, **params),
+                )
+            except NoSuchObjectError:
+                return None  # completed or aborted since the listing
+            for part in page.get("Parts", ()):
+                size += part["Size"]
+                parts += 1
+                last = max(last, part["LastModified"].timestamp())
+            if not page.get("IsTruncated"):
+                break
+            params["PartNumberMarker"] = page["NextPartNumberMarker"]
+        return UploadInfo(key, upload_id, started, last, size, parts, marked is not None)
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        full = self.full_key(key)
+        with contextlib.suppress(NoSuchObjectError):  # already gone
+            await self._call(
+                "abort_multipart",
+                self.where(key),
+                lambda: self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id
+                ),
+            )
+        await self._delete_markers(self._marker_candidates(full, upload_id))
 
     # -- copy, replace_head, delete --------------------------------------------------------------
 
@@ -666,6 +824,7 @@ class S3Store(StoreBase):
         tokens = trio.Semaphore(self.concurrency)
 
         async def produce(start: _Start) -> None:
+            start(0, partial(self._mark, upload), False)
             start(1, partial(self._upload_part, upload, 1, first), False)
             for number, (a, b) in enumerate(ranges, start=2):
                 await tokens.acquire()
@@ -726,4 +885,6 @@ class S3Store(StoreBase):
         for upload in list(self._orphans):
             with contextlib.suppress(StoreError):
                 await self._abort(upload)
+        if self._finished_markers:
+            await self._delete_markers()
         await trio.to_thread.run_sync(self._client.close)
