@@ -84,6 +84,7 @@ class ExitCode(IntEnum):
     SIGNATURE = 14  # the writer's signature does not verify
     PAYLOAD = 15  # the payload does not authenticate: tampered, truncated, extended
     UNTRUSTED_WRITER = 16  # the writer is not a contact and only trusted writers are accepted
+    DAMAGED = 17  # fsck found objects that do not verify (its report names them)
     PASSPHRASE = 20  # wrong passphrase for the identity file
     KEY_FORMAT = 21  # a malformed identity file, recipient string or PEM key
     CONFIG = 22  # missing identity, unknown contact, bad option value or config file
