@@ -49,6 +49,7 @@ import math
 import os
 import random
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -95,6 +96,7 @@ DEFAULT_SETTLE_S = 0.5
 MAX_BACKOFF_S = 60.0
 MAX_BACKOFF_PERMANENT_S = 300.0
 _MAX_RECHECKS = 5
+_MAX_REMEMBERED = 10_000
 _INLINE_CHUNKS = 2
 #: Chunks sealed per worker-thread hop at commit (2 MiB).
 SEAL_BATCH_CHUNKS = 32
@@ -386,6 +388,10 @@ class Journal:
         self._sealing_done = trio.Event()
         self._stats = JournalStats()
         self._replayed = False
+        # The last version each key got from us this session: never a stranger's, so a later
+        # commit may replace it whatever base the caller names (it may have landed while that
+        # commit was being sealed).
+        self._ours: OrderedDict[str, str] = OrderedDict()
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._next_seq = self._scan_max_seq() + 1
@@ -540,6 +546,9 @@ class Journal:
         ``base``'s; if something is running, the running op's result sets it later.
         """
         plan = _Plan(base.copy(), [], [], [])
+        ours = self._ours.get(key)
+        if ours is not None:
+            plan.expect.etags.add(ours)
         first = True
         for op in self._queues.get(key, ()):
             plan.expect.merge(op.expect)
@@ -1269,6 +1278,7 @@ class Journal:
         if nxt is not None:
             nxt.expect.etags.add(info.etag)
             nxt.expect.hint = info.etag
+        self._remember(op.key, info.etag)
         if record.put is op:
             record.put = None
         log.debug("journal: entry %d uploaded (%d bytes)", record.seq, env.cipher_size)
@@ -1321,6 +1331,12 @@ class Journal:
         op.signal()
         self._kick()
 
+    def _remember(self, key: str, etag: str) -> None:
+        self._ours[key] = etag
+        self._ours.move_to_end(key)
+        while len(self._ours) > _MAX_REMEMBERED:
+            self._ours.popitem(last=False)
+
     def _finish_unlanded(self, op: _Op) -> None:
         """An obsolete put that will not land: hand its expectation on and forget it."""
         nxt = self._unqueue(op)
@@ -1355,6 +1371,8 @@ class Journal:
                     nxt.expect.hint = None
             if current is not None and not ours:
                 log.info("journal: left an object alone that another writer changed since")
+            if current is None or ours:
+                self._ours.pop(op.key, None)
             if current is not None and ours:
                 self._stats.deleted += 1
                 if self.on_deleted is not None:

@@ -457,6 +457,20 @@ async def test_unlink_while_in_flight(mount: Mount) -> None:
     assert m.files() == []
 
 
+async def test_our_own_landed_version_is_never_a_conflict(memmount: Mount) -> None:
+    """The previous upload landed while the next commit was being sealed (stale base)."""
+    m = memmount
+    e0 = (await m.enc.put("k", b"v0", mtime_ns=1, mode=0o644)).etag
+    async with uploading(m.journal):
+        await m.commit("k", b"v1", base_etag=e0)
+        await m.journal.flush()
+        await m.commit("k", b"v2", base_etag=e0)  # the caller had not heard of v1 yet
+        await m.journal.flush()
+    assert await m.read("k") == b"v2"
+    assert await m.keys() == {"k"}
+    assert m.journal.stats().conflicts == 0
+
+
 async def test_newest_commit_wins(memmount: Mount) -> None:
     m = memmount
     for i in range(5):
