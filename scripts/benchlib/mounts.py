@@ -48,7 +48,7 @@ class Mount:
 
     def __init__(self, name: str, argv: list[str], mountpoint: Path, cleanup: Cleanup, *,
                  env: dict[str, str] | None = None, cwd: Path | None = None,
-                 ready_timeout: float = 60, log_path: Path | None = None) -> None:
+                 log_path: Path, ready_timeout: float = 60) -> None:
         self.name = name
         self.mountpoint = mountpoint
         mountpoint.mkdir(parents=True, exist_ok=True)
@@ -56,11 +56,11 @@ class Mount:
             raise BenchError(f"{mountpoint} is already a mount point")
         sockdir = Path(tempfile.mkdtemp(prefix="bench-notify-"))
         sock_path = sockdir / "notify"
+        self.log_path = log_path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(str(sock_path))
         env = dict(env if env is not None else os.environ)
         env["NOTIFY_SOCKET"] = str(sock_path)
-        self.log_path = log_path or (sockdir / "daemon.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.t_start = time.perf_counter()
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
@@ -116,18 +116,20 @@ class Mount:
             return
         self._stopped = True
         try:
-            clean = False
-            if is_mounted(self.mountpoint):
-                clean = fusermount_u(self.mountpoint)
-            if clean or not is_mounted(self.mountpoint):
+            clean = is_mounted(self.mountpoint) and fusermount_u(self.mountpoint)
+            if clean:
+                # A clean unmount: the daemon finishes its work (cssfs flushes) and exits.
                 try:
                     self.proc.wait(300)
                 except subprocess.TimeoutExpired:
-                    log(f"{self.name} did not exit after unmount; terminating")
+                    log(f"{self.name} did not exit within 300 s of its unmount")
             if self.proc.poll() is None or is_mounted(self.mountpoint):
+                # Not mounted yet (interrupted while starting), busy, or hung.
                 if is_mounted(self.mountpoint):
                     log(f"{self.name}: clean unmount failed, lazy unmount")
                     fusermount_u(self.mountpoint, lazy=True)
                 stop_process(self.proc)
+                if is_mounted(self.mountpoint):
+                    fusermount_u(self.mountpoint, lazy=True)
         finally:
             self._log.close()

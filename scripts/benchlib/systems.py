@@ -311,7 +311,8 @@ class MemfsSystem(System):
         self.n_mounts += 1
         mnt = self.ctx.work / "mnt-memfs"
         argv, env = self._argv_env(mnt, "")
-        self.mount = Mount(self.label, argv, mnt, self.ctx.cleanup, env=env)
+        self.mount = Mount(self.label, argv, mnt, self.ctx.cleanup, env=env,
+                           log_path=self.ctx.work / f"memfs-{self.n_mounts}.log")
         return self.mount
 
     def durable(self, paths: Sequence[Path], before: Listing, sizes: Sequence[int]) -> float:
