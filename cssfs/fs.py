@@ -86,6 +86,7 @@ XATTR_RECIPIENTS = b"user.cssfs.recipients"
 XATTR_SIGNATURE = b"user.cssfs.signature"
 XATTRS = (XATTR_WRITER, XATTR_RECIPIENTS, XATTR_SIGNATURE)
 STRICT_ENV = "CSSFS_STRICT"
+INTERNAL_PREFIX = ".cssfs-"  # cssfs.policy's names for its own objects; hidden, not creatable
 
 Kind = Literal["file", "dir", "foreign"]
 
@@ -196,10 +197,13 @@ def _prefix(path: str) -> str:
 
 
 def _valid_name(name: str) -> bool:
+    """A name the mount shows and lets be created: not ``.cssfs-*`` (cssfs's own objects:
+    folder policies, group records -- cssfs.policy.INTERNAL_PREFIX)."""
     return (
         bool(name)
         and "/" not in name
         and name not in (".", "..")
+        and not name.startswith(INTERNAL_PREFIX)
         and len(os.fsencode(name)) <= NAME_MAX
     )
 
@@ -506,6 +510,8 @@ class Operations(pyfuse3.Operations):
         if len(name) > NAME_MAX:
             raise FUSEError(errno.ENAMETOOLONG)
         text = os.fsdecode(name)
+        if text.startswith(INTERNAL_PREFIX):
+            raise FUSEError(errno.EPERM)
         if not _valid_name(text):
             raise FUSEError(errno.EINVAL)
         return join(parent.path, text)
@@ -525,8 +531,9 @@ class Operations(pyfuse3.Operations):
             path = parent.path if name == b"." else parent.parent_path
             node = self.inodes.lookup(path, True)
             return self._entry(node, self._dir_attrs())
-        path = self._path(parent_inode, name)
-        attrs = await self._attrs(path)
+        hidden = name.startswith(INTERNAL_PREFIX.encode())
+        path = self._path(parent_inode, name) if not hidden else ""
+        attrs = await self._attrs(path) if not hidden else None
         if attrs is None:
             entry = pyfuse3.EntryAttributes()
             entry.st_ino = 0  # a negative entry the kernel may cache for entry_timeout
@@ -595,14 +602,26 @@ class Operations(pyfuse3.Operations):
             ]
             if unknown and self.nursery is not None:
                 self.nursery.start_soon(self._prefetch_headers, unknown)
-        for index in range(start_id, len(handle.entries)):
-            name, attrs = handle.entries[index]
+        dots = self._dots(handle.node)
+        for index in range(start_id, len(dots) + len(handle.entries)):
+            if index < len(dots):
+                # "." and "..": no lookup count is taken for them (libfuse's rule).
+                dot, dot_node = dots[index]
+                entry = self._entry(dot_node, self._dir_attrs())
+                if not pyfuse3.readdir_reply(token, dot, entry, index + 1):
+                    return
+                continue
+            name, attrs = handle.entries[index - len(dots)]
             node = self.inodes.node_for(join(handle.node.path, name), attrs.is_dir)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(node, attrs),
                                          index + 1):
                 self.inodes.drop_if_unused(node)
                 return
             node.lookups += 1
+
+    def _dots(self, node: Node) -> list[tuple[bytes, Node]]:
+        parent = self.inodes.at(node.parent_path) if node.path else node
+        return [(b".", node), (b"..", parent or self.inodes.root)]
 
     @_handler
     async def releasedir(self, fh: int) -> None:
@@ -643,7 +662,10 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.ENOTDIR)
             if not await self._is_empty(path):
                 raise FUSEError(errno.ENOTEMPTY)
-            await self.encstore.store.delete([_marker(path)])
+            # The marker and cssfs's own objects in the folder (its policy) go with it.
+            own = [e.key for e in await self.encstore.list(_prefix(path))
+                   if not e.is_dir and e.key[len(path) + 1 :].startswith(INTERNAL_PREFIX)]
+            await self.encstore.store.delete([_marker(path), *own])
             self._note(path, None)
             self.inodes.detach(path)
 

@@ -8,8 +8,10 @@ piece works inside. It runs on trio, under one AsyncExitStack and one nursery.
 Lifetime (docs/MOUNT.md):
 
 1. open the store and check it answers (a bad URL, missing bucket or bad credentials fail here,
-   before anything is mounted); replay the journal (closed files of an earlier run that were not
-   uploaded yet are queued again), then ``pyfuse3.init``;
+   before anything is mounted); load the folder policies' machinery (cssfs.sharing: a new file
+   is encrypted for its folder's recipients, group keys we hold open files shared with a
+   group; contacts are re-read whenever a policy is); replay the journal (closed files of an
+   earlier run that were not uploaded yet are queued again), then ``pyfuse3.init``;
 2. bind the control socket, send ``READY=1`` to ``$NOTIFY_SOCKET``: the mount is usable;
 3. serve requests (``pyfuse3.main``) while the journal uploads in the background;
 4. SIGTERM/SIGINT: upload everything pending while still serving, then ``pyfuse3.terminate``; a
@@ -48,6 +50,8 @@ from cssfs.errors import ConfigError, CssfsError
 from cssfs.fs import Operations, Reader
 from cssfs.journal import Journal
 from cssfs.keys import Identity, Recipient
+from cssfs.policy import Trust
+from cssfs.sharing import Sharing
 from cssfs.staging import StagedFile, StagingBudget
 from cssfs.store.url import open_store
 
@@ -316,7 +320,16 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)  # runs first: stop background tasks
         cache = ChunkCache(cfg.cache_size)
-        encstore = EncryptedStore(store, identity, cfg.recipients, cache=cache, nursery=nursery)
+
+        def trust() -> Trust:  # re-read when policies are: contacts added while mounted count
+            return Trust.of(identity.recipient, config.Contacts.load())
+
+        sharing = await Sharing.load(store, identity, trust, default_recipients=cfg.recipients)
+        encstore = EncryptedStore(
+            store, identity, cfg.recipients, cache=cache, nursery=nursery,
+            identities=[g.identity for g in sharing.group_identities],
+            recipients_for=sharing.resolve_recipients,
+        )
         journal = Journal(state_dir, encstore)
         replayed = await journal.replay()
         if replayed:

@@ -132,7 +132,8 @@ class FS:
                 if not token.entries:
                     break
                 for name, attr, next_id in token.entries:
-                    out[name.decode()] = attr
+                    if name not in (b".", b".."):
+                        out[name.decode()] = attr
                     start = next_id
         finally:
             await self.ops.releasedir(fh)
