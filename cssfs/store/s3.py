@@ -142,6 +142,13 @@ class _Upload:
     upload_id: str
 
 
+def _is_marker(key: str) -> bool:
+    """A key in an upload-marker folder (at any depth: a store on a longer prefix puts its
+    markers below it). Listings never show them, as a folder store never shows its temp files."""
+    folder = UPLOAD_MARKERS.rstrip("/")
+    return key.startswith(UPLOAD_MARKERS) or f"/{folder}/" in key or key == folder
+
+
 def _etag(raw: str) -> str:
     return raw.strip('"')
 
@@ -346,10 +353,14 @@ class S3Store(StoreBase):
             )
             for item in page.get("Contents", ()):
                 key = item["Key"][n:]
-                if key:
+                if key and not _is_marker(key):
                     mtime = item["LastModified"].timestamp()
                     objects.append(ObjectInfo(key, item["Size"], _etag(item["ETag"]), mtime))
-            prefixes.extend(p["Prefix"][n:] for p in page.get("CommonPrefixes", ()))
+            prefixes.extend(
+                p["Prefix"][n:]
+                for p in page.get("CommonPrefixes", ())
+                if not _is_marker(p["Prefix"][n:])
+            )
             if not page.get("IsTruncated"):
                 break
             params["ContinuationToken"] = page["NextContinuationToken"]

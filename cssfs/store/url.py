@@ -102,7 +102,7 @@ def _s3(
 ) -> ObjectStore:
     if not _BUCKET.fullmatch(bucket):
         raise ConfigError(f"{url}: {bucket!r} is not a valid bucket name")
-    if "//" in prefix:
+    if prefix.startswith("/") or "//" in prefix:
         raise ConfigError(f"{url}: empty path component in the prefix")
     _check_options(
         url,

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["COUNTERS", "S3Server", "ReadCounters", "install_fast_range", "main", "stock_ranges"]
+__all__ = ["COUNTERS", "ReadCounters", "S3Server", "install_fast_range", "main", "stock_ranges"]
 
 
 @dataclass
