@@ -228,6 +228,7 @@ class Operations(pyfuse3.Operations):
         new_staged: StageFactory,
         *,
         reseal: Resealer | None = None,
+        name_writer: Callable[[bytes], str] | None = None,
         list_ttl: float = 2.0,
         attr_timeout: float = 1.0,
         read_only: bool = False,
@@ -241,6 +242,7 @@ class Operations(pyfuse3.Operations):
         self.journal = journal
         self.new_staged = new_staged
         self.reseal = reseal
+        self.name_writer = name_writer
         self.attr_timeout = attr_timeout
         self.read_only = read_only
         self.failsafe = False
@@ -1092,8 +1094,9 @@ class Operations(pyfuse3.Operations):
             info = await self.encstore.header(node.path, attrs.etag)
         except FormatError:
             return {}
+        writer = self.name_writer(info.writer) if self.name_writer else info.writer_fingerprint
         return {
-            XATTR_WRITER: info.writer_fingerprint.encode(),
+            XATTR_WRITER: writer.encode(),
             XATTR_RECIPIENTS: ",".join(i.hex() for i in info.key_ids).encode(),
             XATTR_SIGNATURE: info.signature.encode(),
         }

@@ -49,7 +49,7 @@ from cssfs.envelope import HEADER_SIZE, open_header
 from cssfs.errors import ConfigError, CssfsError
 from cssfs.fs import Operations, Reader
 from cssfs.journal import Journal
-from cssfs.keys import Identity, Recipient
+from cssfs.keys import Identity, Recipient, writer_fingerprint
 from cssfs.policy import Trust
 from cssfs.sharing import Sharing
 from cssfs.staging import StagedFile, StagingBudget
@@ -324,7 +324,8 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
         def trust() -> Trust:  # re-read when policies are: contacts added while mounted count
             return Trust.of(identity.recipient, config.Contacts.load())
 
-        sharing = await Sharing.load(store, identity, trust, default_recipients=cfg.recipients)
+        sharing = await Sharing.load(store, identity, trust, default_recipients=cfg.recipients,
+                                     ttl=cfg.list_ttl)  # policies are as fresh as listings
         encstore = EncryptedStore(
             store, identity, cfg.recipients, cache=cache, nursery=nursery,
             identities=[g.identity for g in sharing.group_identities],
@@ -343,8 +344,16 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
         async def reseal(key: str, mtime_ns: int | None, mode: int | None) -> None:
             await reseal_attrs(encstore, key, mtime_ns, mode)
 
-        ops = Operations(encstore, journal, new_staged, reseal=reseal, list_ttl=cfg.list_ttl,
-                         read_only=cfg.read_only, nursery=nursery)
+        def name_writer(ed25519: bytes) -> str:
+            """A writer as user.cssfs.writer shows it: a contact's name, else a fingerprint."""
+            now = trust()
+            name = now.signer_name(ed25519)
+            if name and name != "me":
+                return name
+            return writer_fingerprint(ed25519, (*now.own, *(r for _, r in now.contacts)))
+
+        ops = Operations(encstore, journal, new_staged, reseal=reseal, name_writer=name_writer,
+                         list_ttl=cfg.list_ttl, read_only=cfg.read_only, nursery=nursery)
         daemon = Daemon(cfg, ops, journal, cache, encstore)
         nursery.start_soon(journal.run)
         listener = await stack.enter_async_context(_control_listener(control))
