@@ -76,7 +76,7 @@ class Ctx:
         if self._s3 is None:
             from benchlib.s3 import S3Server
 
-            self._s3 = S3Server(self.repo, self.cleanup)
+            self._s3 = S3Server(self.repo, self.cleanup, tmpdir=self.data / "moto")
         return self._s3
 
     @property

@@ -169,6 +169,7 @@ class FsSuite:
                     self.rep.error(f"{s.label}, run {i + 1}: {exc}")
                 finally:
                     s.stop()
+                    self.forget_big(s)
 
         for s in systems:
             log(f"{self.sz.list_count}-file folder: {s.label}")
@@ -182,6 +183,13 @@ class FsSuite:
                 self.add(s, "daemon_cpu", s.cpu_s / (s.bytes_moved / GiB))
             if s.peak_rss_kib:
                 self.add(s, "daemon_rss", s.peak_rss_kib / 1024)
+
+    def forget_big(self, s: System) -> None:
+        """Delete the run's big object (unmounted): the server keeps objects in memory."""
+        want = s.stored_size(self.sz.big)
+        keys = [o["Key"] for o in s3.list_all(s.s3, s.bucket) if int(o["Size"]) == want]
+        for k in keys:
+            s.s3.delete_object(Bucket=s.bucket, Key=k)
 
     def make_system(self, name: str, bucket: str | None = None) -> System:
         if name == "cssfs":
