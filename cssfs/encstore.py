@@ -55,7 +55,6 @@ from cssfs.envelope import (
     chunk_count,
     chunk_range,
     chunks_for,
-    encrypt_stream,
     object_binding,
     open_header,
     parse_header,
@@ -239,58 +238,64 @@ def _read_full(src: BinaryIO, buf: memoryview) -> int:
 
 
 class _Sealer:
-    """Reads plaintext from a source and seals it chunk by chunk, a batch per thread hop.
+    """Reads plaintext from a source and seals it, a batch of chunks at a time.
 
-    Only one thread uses it at a time (calls are sequential). ``header``/``table`` are set once
-    the last chunk is sealed. One chunk of look-ahead tells whether a full chunk is the last.
+    Reading (``read_batch``, blocking I/O) and sealing (``seal_batch``, CPU) are separate steps
+    so that they run in separate thread hops: only sealing holds the CPU limiter. A source whose
+    ``read`` waits for the trio loop (a journal's pending file reading its base object, say)
+    therefore never holds a CPU token while it waits -- which could deadlock the readers that
+    need one. Calls are sequential; ``header``/``table`` are set once the last chunk is sealed.
+    One byte of look-ahead tells whether the batch ends the file.
     """
 
     def __init__(self, writer: EnvelopeWriter, source: PlainSource) -> None:
         self._writer = writer
+        self.in_memory = isinstance(source, (bytes, bytearray, memoryview))
         if isinstance(source, (bytes, bytearray, memoryview)):
             self._src: BinaryIO = io.BytesIO(source)
         else:
             self._src = source
-        self._bufs = (bytearray(CHUNK_SIZE), bytearray(CHUNK_SIZE))
-        self._cur = 0
-        self._cur_len: int | None = None
+        self._plain = bytearray()
+        self._eof = False
         self.done = False
         self.header = b""
         self.table = b""
         self.plain_bytes = 0
 
-    def next_batch(self, max_chunks: int = SEAL_BATCH_CHUNKS) -> bytearray:
-        """Ciphertext of up to ``max_chunks`` further chunks (the last batch sets ``done``)."""
-        if self.done:
-            return bytearray()
-        out = bytearray(max_chunks * CIPHER_CHUNK)
-        view = memoryview(out)
-        pos = 0
-        try:
-            for _ in range(max_chunks):
-                if self._cur_len is None:
-                    self._cur_len = _read_full(self._src, memoryview(self._bufs[self._cur]))
-                n = self._cur_len
-                nxt = self._cur ^ 1
-                next_len = (
-                    _read_full(self._src, memoryview(self._bufs[nxt])) if n == CHUNK_SIZE else 0
-                )
-                last = next_len == 0
-                self._writer.seal_chunk_into(
-                    memoryview(self._bufs[self._cur])[:n], view[pos : pos + n + TAG_SIZE],
-                    last=last,
-                )
-                pos += n + TAG_SIZE
-                self.plain_bytes += n
-                self._cur, self._cur_len = nxt, next_len
-                if last:
-                    self.header, self.table = self._writer.finish()
-                    self.done = True
-                    break
-        finally:
-            view.release()
-        del out[pos:]
-        return out
+    def read_batch(self, max_chunks: int = SEAL_BATCH_CHUNKS) -> int:
+        """Read the next batch (up to ``max_chunks`` chunks, plus one byte of look-ahead kept
+        for the next batch); the plaintext bytes it holds."""
+        want = max_chunks * CHUNK_SIZE + 1
+        have = len(self._plain)
+        if have < want:
+            self._plain.extend(bytes(want - have))
+            with memoryview(self._plain) as view, view[have:] as free:
+                got = _read_full(self._src, free)
+            del self._plain[have + got :]
+            self._eof = have + got < want
+        return min(len(self._plain), max_chunks * CHUNK_SIZE)
+
+    def seal_batch(self, max_chunks: int = SEAL_BATCH_CHUNKS) -> bytes:
+        """Ciphertext of the batch read last (the last batch sets ``done``)."""
+        n = len(self._plain) if self._eof else max_chunks * CHUNK_SIZE
+        count = max(1, -(-n // CHUNK_SIZE))
+        out = bytearray(n + count * TAG_SIZE)
+        with memoryview(self._plain) as src, memoryview(out) as dst:
+            pos = 0
+            for i in range(count):
+                length = min(CHUNK_SIZE, n - i * CHUNK_SIZE)
+                with src[i * CHUNK_SIZE : i * CHUNK_SIZE + length] as piece, dst[
+                    pos : pos + length + TAG_SIZE
+                ] as sealed:
+                    last = self._eof and i == count - 1
+                    self._writer.seal_chunk_into(piece, sealed, last=last)
+                pos += length + TAG_SIZE
+        del self._plain[:n]
+        self.plain_bytes += n
+        if self._eof:
+            self.header, self.table = self._writer.finish()
+            self.done = True
+        return bytes(out)
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -722,6 +727,24 @@ class EncryptedStore:
         self.forget(key)
         return result
 
+    async def _sealed(
+        self, sealer: _Sealer, update: Callable[[int], object] | None = None
+    ) -> AsyncIterator[bytes]:
+        """The ciphertext of the source, batch by batch: read in a worker thread (or inline for
+        bytes in memory), sealed in a worker thread behind the CPU limiter."""
+        while not sealer.done:
+            if sealer.in_memory:
+                n = sealer.read_batch()
+            else:
+                n = await trio.to_thread.run_sync(sealer.read_batch)
+            if n <= CHUNK_SIZE * INLINE_CHUNKS:
+                batch = sealer.seal_batch()
+            else:
+                batch = await trio.to_thread.run_sync(sealer.seal_batch, limiter=self.cpu_limiter)
+            if update is not None:
+                update(n)
+            yield batch
+
     async def _upload(
         self,
         key: str,
@@ -730,15 +753,9 @@ class EncryptedStore:
         if_none_match: bool,
         update: Callable[[int], object] | None,
     ) -> ObjectInfo:
-        limiter = self.cpu_limiter
-
         async def rest() -> AsyncIterator[bytes]:
-            while not sealer.done:
-                before = sealer.plain_bytes
-                batch = await trio.to_thread.run_sync(sealer.next_batch, limiter=limiter)
-                if update is not None:
-                    update(sealer.plain_bytes - before)
-                yield bytes(batch)
+            async for batch in self._sealed(sealer, update):
+                yield batch
             yield sealer.table
 
         def head() -> bytes:
@@ -761,20 +778,24 @@ class EncryptedStore:
         mode: int = 0o644,
     ) -> None:
         """Encrypt ``source`` into an envelope for ``key`` written to the seekable file ``dst``
-        (the mount's journal: only ciphertext lands on disk), in a worker thread."""
-        src: BinaryIO = (
-            io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-        )
-        binding = self.binding_for(key)
-        mtime = time.time_ns() if mtime_ns is None else mtime_ns
+        at its current position (the mount's journal: only ciphertext lands on disk). The
+        header region is written as zeros first and filled in at the end."""
         recipients = await self.recipients_of(key)
-        await trio.to_thread.run_sync(
-            lambda: encrypt_stream(
-                src, dst, self.identity, recipients,
-                binding=binding, mtime_ns=mtime, mode=mode & 0o7777,
-            ),
-            limiter=self.cpu_limiter,
-        )
+        sealer = _Sealer(self._writer(key, mtime_ns, mode, recipients), source)
+        start = await trio.to_thread.run_sync(dst.tell)
+        await trio.to_thread.run_sync(dst.write, bytes(HEADER_SIZE))
+        async for batch in self._sealed(sealer):
+            await trio.to_thread.run_sync(dst.write, batch)
+
+        def finish() -> None:
+            dst.write(sealer.table)
+            end = dst.tell()
+            dst.seek(start)
+            dst.write(sealer.header)
+            dst.seek(end)
+            dst.flush()
+
+        await trio.to_thread.run_sync(finish)
 
     async def put_envelope_file(
         self,

@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from cssfs.cache import ChunkCache
-from cssfs.encstore import EncryptedStore, HeaderInfo
+from cssfs.encstore import EncryptedFile, EncryptedStore, HeaderInfo
 from cssfs.envelope import (
     CHUNK_SIZE,
     HEADER_SIZE,
@@ -149,6 +149,40 @@ async def test_multipart_upload_streams_with_header_last(store: ObjectStore, me:
     f = await es.open("big/obj")
     for off in (0, 5 * 1024 * 1024 - 7, len(data) - 10):
         assert await f.read(off, 70_000) == data[off : off + 70_000]
+
+
+class FromEncryptedFile:
+    """A source whose read() waits for the trio loop: it reads another envelope's plaintext
+    (the mount copying a file, a journal reading its base object)."""
+
+    def __init__(self, f: EncryptedFile) -> None:
+        self._f = f
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._f.size - self._pos if n < 0 else n
+        data = trio.from_thread.run(self._f.read, self._pos, n)
+        self._pos += len(data)
+        return data
+
+
+async def test_put_from_a_source_that_reads_through_trio(
+    store: ObjectStore, me: Identity
+) -> None:
+    """Reading the source must not hold the CPU limiter: with one token, two such copies at
+    once would otherwise deadlock (each read needs a token to open its chunks)."""
+    es = es_for(store, me, cpu_limiter=trio.CapacityLimiter(1))
+    data = pattern(3 * 1024 * 1024 + 5, 13)
+    await es.put("original", data)
+    src = await es.open("original")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for name in ("copy1", "copy2"):
+                nursery.start_soon(
+                    es.put, name, FromEncryptedFile(src)  # type: ignore[arg-type]
+                )
+    for name in ("copy1", "copy2"):
+        assert await (await es.open(name)).read(0, len(data)) == data
 
 
 async def test_put_from_seekable_file(store: ObjectStore, me: Identity, tmp_path: Path) -> None:
