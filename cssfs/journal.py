@@ -383,6 +383,8 @@ class Journal:
         self._records: dict[int, _Record] = {}
         self._running = 0
         self._wakeup = trio.Event()
+        self._uploader = False
+        self._stopped = trio.Event()
         self._sealing: dict[str, int] = {}
         self._seal_files: set[str] = set()  # temporary files of commits in progress
         self._sealing_done = trio.Event()
@@ -945,7 +947,12 @@ class Journal:
         for o in closure:
             failures = o.failures
             while not o.finished:
-                await o.changed.wait()
+                if not self._uploader:
+                    raise JournalError("the journal's uploader is not running", errno.EIO)
+                stopped = self._stopped
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_wait_then_cancel, o.changed, nursery.cancel_scope)
+                    nursery.start_soon(_wait_then_cancel, stopped, nursery.cancel_scope)
                 if o.failures > failures and o.error is not None:
                     raise o.error
             if o.error is not None:
@@ -1120,25 +1127,33 @@ class Journal:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The uploader: starts ready ops, at most ``max_uploads`` at once, until cancelled."""
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                self._wakeup = trio.Event()
-                async with self._mutex:
-                    deadline = self._start_ready(nursery)
-                with trio.move_on_at(deadline):
-                    await self._wakeup.wait()
+        if self._uploader:
+            raise RuntimeError("journal: the uploader is already running")
+        self._uploader = True
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    self._wakeup = trio.Event()
+                    async with self._mutex:
+                        deadline = self._start_ready(nursery)
+                    with trio.move_on_at(deadline):
+                        await self._wakeup.wait()
+        finally:
+            self._uploader = False
+            self._stopped.set()
+            self._stopped = trio.Event()
 
     def _start_ready(self, nursery: trio.Nursery) -> float:
+        """Start what can run; the time at which something waiting becomes ready."""
         now = trio.current_time()
         deadline = math.inf
-        heads = sorted(
-            (q[0] for q in self._queues.values() if q and q[0].state == QUEUED),
-            key=lambda op: op.record.seq,
-        )
-        for op in heads:
+        for q in self._queues.values():  # keys in the order they were first queued
             if self._running >= self.max_uploads:
                 break
+            op = q[0]
+            if op.state != QUEUED:
+                continue
             if op.gate is not None and not op.gate.finished:
                 continue
             when = max(op.ready_at, op.not_before)
@@ -1429,6 +1444,11 @@ class Journal:
 def _has_salts_of_others(expect: _Expect, env: _Envelope) -> bool:
     """Whether ``expect`` names envelopes other than ``env`` (earlier versions of ours)."""
     return bool(expect.salts - {env.salt})
+
+
+async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 # -- small blocking helpers (run in worker threads) --------------------------------------------

@@ -698,3 +698,14 @@ async def test_rename_into_a_shared_folder_adds_its_recipients(tmp_path: Path,
     as_bob = EncryptedStore(store, bob)
     f = await as_bob.open("shared/final")
     assert await f.read(0, 100) == b"for bob, once it moves"
+
+
+async def test_flush_without_the_uploader_is_an_error_not_a_hang(memmount: Mount) -> None:
+    m = memmount
+    await m.commit("k", b"data")
+    with pytest.raises(JournalError, match="not running"):
+        await m.journal.flush()
+    async with uploading(m.journal):
+        await m.journal.flush()
+    await m.journal.flush()  # nothing pending: returns at once
+    assert await m.read("k") == b"data"
