@@ -55,7 +55,10 @@ METRICS: dict[str, tuple[str, str, bool, list[str]]] = {
                     ["fs.limit.memfs_write"]),
     "read_cold": ("read {big}, cold (fresh mount, caches dropped)", "MB/s", True,
                   ["fs.limit.download_file", "fs.limit.memfs_read"]),
-    "read_warm": ("read {big}, warm (just read)", "MB/s", True, ["fs.limit.memfs_read"]),
+    "read_warm": ("read {big}, warm (just read; kernel page cache)", "MB/s", True,
+                  ["fs.limit.memfs_read"]),
+    "read_warm_daemon": ("read {big}, warm in the daemon (page cache dropped)", "MB/s", True,
+                         ["fs.limit.memfs_read"]),
     "small_create": ("create {n} × 4 KiB files until in the bucket", "files/s", True,
                      ["fs.limit.put4k_8t"]),
     "small_ls": ("`ls -l` of the {n}-file folder, cold", "s", False, ["fs.limit.list_small"]),
@@ -210,9 +213,10 @@ class FsSuite:
         self.add(s, "write_close", sz.big / w.close_s / MB)
         # 2. cold + warm read
         mnt = cold_start(s)
-        cold, warm = seq_read(s, mnt / name, big_sha)
+        cold, warm, warm_daemon = seq_read(s, mnt / name, big_sha)
         self.add(s, "read_cold", sz.big / cold / MB)
         self.add(s, "read_warm", sz.big / warm / MB)
+        self.add(s, "read_warm_daemon", sz.big / warm_daemon / MB)
         # 3. small files
         blobs = small_blobs(sz.small_count, sz.small_size, seed=1000 + i)
         folder = f"small-{i}"
