@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,62 @@ async def test_replay_after_a_landed_upload_is_not_a_conflict(tmp_path: Path,
     assert await second.read("a") == b"one"
     assert await second.keys() == {"a"}
     assert second.journal.stats().conflicts == 0
+
+
+_CHILD = """
+import sys, trio
+from pathlib import Path
+from cssfs.encstore import EncryptedStore
+from cssfs.journal import Journal
+from cssfs.keys import parse_identity_file
+from cssfs.staging import StagedFile, StagingBudget
+from cssfs.store.local import LocalStore
+
+async def main(state, root, ident, n):
+    identity = parse_identity_file(Path(ident).read_bytes(), None)
+    journal = Journal(state, EncryptedStore(LocalStore(root), identity))
+    budget = StagingBudget(state)
+    for i in range(n):
+        staged = StagedFile(budget)
+        await staged.write(0, b"file %d " % i * 1000)
+        await journal.commit(f"k/{i}", staged, mtime_ns=i, mode=0o644, base_etag=None)
+    print("committed", flush=True)
+    await trio.sleep_forever()
+
+trio.run(main, sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+"""
+
+
+async def test_kill_9_after_commit_loses_nothing(tmp_path: Path, identity: Identity) -> None:
+    """A real daemon process killed with SIGKILL right after its commits returned."""
+    from cssfs.store.local import LocalStore
+
+    (tmp_path / "root").mkdir()
+    ident = tmp_path / "identity"
+    ident.write_bytes(identity.to_file(None))
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _CHILD, str(tmp_path / "s"), str(tmp_path / "root"), str(ident),
+         "8"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = await proc.stdout.receive_some(100)
+            assert chunk, "the child died before committing"
+            line += chunk
+        assert line == b"committed\n"
+    finally:
+        proc.kill()  # SIGKILL: no cleanup of any kind
+        await proc.wait()
+    store = LocalStore(tmp_path / "root")
+    m = Mount(tmp_path / "s", store, identity)
+    assert await m.journal.replay() == 8
+    async with uploading(m.journal):
+        await m.journal.flush()
+    for i in range(8):
+        assert await m.read(f"k/{i}") == b"file %d " % i * 1000
 
 
 @pytest.mark.expect_logs("damaged")
