@@ -106,7 +106,9 @@ class UploadInfo:
     file, its path ``.cssfs-tmp/NAME``). ``upload_id``: what ``abort_upload`` needs. ``ours``:
     certainly started by a cssfs store (S3: its marker exists; folder: the store's own temp
     folder). ``initiated`` and ``last_activity`` (the newest part or write) are epoch seconds;
-    ``size`` is the bytes uploaded so far in ``parts`` parts.
+    ``size`` is the bytes uploaded so far in ``parts`` parts. An S3 marker whose upload is gone
+    (it finished or was aborted, and the marker's delete never came) is listed with
+    ``upload_id == ""`` and its own key (``.cssfs-uploads/NAME``); ``abort_upload`` deletes it.
     """
 
     key: str

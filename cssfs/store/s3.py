@@ -734,8 +734,33 @@ class S3Store(StoreBase):
         async with trio.open_nursery() as nursery:
             for item in found:
                 nursery.start_soon(one, *item)
+        if UPLOAD_MARKERS.startswith(prefix):
+            live = {upload_marker_name(full, upload_id) for full, upload_id, _ in found}
+            infos += await self._stale_markers(live)
         infos.sort(key=lambda u: (u.key, u.initiated, u.upload_id))
         return infos
+
+    async def _stale_markers(self, live: set[str]) -> builtins.list[UploadInfo]:
+        """The markers in this store's marker folder whose upload is not in ``live`` (it
+        finished, or was aborted, before the marker was deleted), as uploads with no id."""
+        folder = self.prefix + UPLOAD_MARKERS
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": folder}
+        stale: builtins.list[UploadInfo] = []
+        while True:
+            page: Any = await self._call(
+                "list", f"{self.url} upload markers",
+                partial(self._client.list_objects_v2, **params),
+            )
+            for item in page.get("Contents", ()):
+                name = item["Key"][len(folder) :]
+                if name and "/" not in name and name not in live:
+                    mtime = item["LastModified"].timestamp()
+                    key = UPLOAD_MARKERS + name
+                    stale.append(UploadInfo(key, "", mtime, mtime, item["Size"], 0, True))
+            if not page.get("IsTruncated"):
+                break
+            params["ContinuationToken"] = page["NextContinuationToken"]
+        return stale
 
     async def _upload_info(
         self, full_key: str, upload_id: str, initiated: float
@@ -780,6 +805,14 @@ class S3Store(StoreBase):
 
     async def abort_upload(self, key: str, upload_id: str) -> None:
         full = self.full_key(key)
+        if not upload_id:  # a stale marker (see list_uploads)
+            if not _is_marker(key):
+                raise ValueError(f"{self.where(key)}: no upload id, and not an upload marker")
+            await self._call(
+                "upload_marker", self.where(key),
+                lambda: self._client.delete_object(Bucket=self.bucket, Key=full),
+            )
+            return
         with contextlib.suppress(NoSuchObjectError):  # already gone
             await self._call(
                 "abort_multipart",
