@@ -19,10 +19,11 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from cssfs.cli import Subparsers
-    from cssfs.fsck import FsckReport, Leftover
+    from cssfs.fsck import FsckReport, Kind, Leftover
     from cssfs.progress import Progress
 
 DEFAULT_OLDER_THAN_MIN = 60.0
+_KINDS: tuple[Kind, ...] = ("damaged", "error", "unreadable", "foreign", "gone")
 
 
 def register(commands: Subparsers) -> None:
@@ -150,10 +151,14 @@ def _leftover_line(x: Leftover) -> str:
 
 
 def format_report(report: FsckReport) -> list[str]:
-    """The lines ``cssfs fsck`` prints: one per problem (``TAG: KEY: REASON``, TAG one of
-    damaged, unreadable, foreign, error, gone, conflict, leftover), then an indented
-    summary."""
-    lines = [f"{f.kind}: {_show(f.key)}: {f.reason}" for f in report.findings]
+    """The lines ``cssfs fsck`` prints: one per problem (``KIND: KEY: REASON``), grouped by
+    kind in this order -- damaged, error, unreadable, foreign, gone, conflict, leftover -- and
+    by key within a kind; then an indented summary."""
+    lines = [
+        f"{f.kind}: {_show(f.key)}: {f.reason}"
+        for kind in _KINDS
+        for f in report.of(kind)
+    ]
     lines += [
         f"conflict: {_show(copy)}: conflict copy of {_show(original)}"
         for copy, original in report.conflict_copies

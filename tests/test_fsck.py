@@ -289,6 +289,10 @@ def test_every_kind_of_trouble(target: Target, people: People, fsck: Callable[..
         assert "by another tool" in left["other-tool.bin"]
         assert left["other-tool.bin"].endswith("left alone")
     assert result.summary()["damaged"].strip() == "5"
+    order = ["damaged", "error", "unreadable", "foreign", "gone", "conflict", "leftover"]
+    kinds = [line.split(":")[0] for line in result.out.splitlines()
+             if not line.startswith(("  ", "fsck of "))]
+    assert kinds == sorted(kinds, key=order.index)
     # Nothing changed.
     assert on(target, snapshot) == before
 
@@ -321,13 +325,15 @@ def test_repair_removes_only_cssfs_garbage(
     assert result.summary()["upload leftovers"].strip().endswith("removed)")
 
 
-def test_fsck_of_a_missing_bucket_or_folder(
+def test_fsck_of_a_missing_folder_and_bad_options(
     tmp_path: Path, people: People, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = cli.main(["fsck", str(tmp_path / "nowhere")])
     err = capsys.readouterr().err
     assert code == ExitCode.NOT_FOUND
     assert err.startswith("cssfs: error: ") and len(err.splitlines()) == 1
+    assert cli.main(["fsck", str(tmp_path), "--older-than", "-1"]) == ExitCode.USAGE
+    assert "minutes must be 0 or more" in capsys.readouterr().err
 
 
 # -- cssfs.fsck on a memory store -----------------------------------------------------------
