@@ -711,19 +711,22 @@ class Operations(pyfuse3.Operations):
             self._refuse(path, "is not encrypted for this identity")
             raise
 
-    async def _stage(self, node: Node, attrs: Attrs) -> FileState:
-        """Make sure ``node`` has staged contents (copy-on-write over what is there now)."""
+    async def _stage(self, node: Node, attrs: Attrs, *, truncate: bool = False) -> FileState:
+        """Make sure ``node`` has staged contents: copy-on-write over what is there now, or
+        empty for O_TRUNC (libfuse passes O_TRUNC to open: atomic_o_trunc is on by default)."""
         state = self._state(node)
         if state.staged is None:
             landed = self._landed.get(node.path)
-            base = await self._reader(node.path, attrs)
+            if truncate and attrs.kind == "foreign":
+                raise FUSEError(errno.EACCES)
+            base = None if truncate else await self._reader(node.path, attrs)
             if state.staged is not None:  # another task staged it meanwhile
                 await _close(base)
                 return state
             state.staged = await self.new_staged(base)
             state.base = base
-            state.dirty = False
-            state.mtime_ns = attrs.mtime_ns
+            state.dirty = truncate
+            state.mtime_ns = _now_ns() if truncate else attrs.mtime_ns
             state.mode = attrs.mode
             state.base_etag = attrs.etag
             now = self._landed.get(node.path)
@@ -754,9 +757,13 @@ class Operations(pyfuse3.Operations):
             if attrs is None or attrs.is_dir:
                 raise FUSEError(errno.ENOENT)
             if writable:
-                await self._stage(node, attrs)
+                await self._stage(node, attrs, truncate=bool(flags & os.O_TRUNC))
             else:
                 handle.reader = await self._reader(node.path, attrs)
+        elif writable and flags & os.O_TRUNC and state.staged.size:
+            await state.staged.truncate(0)
+            state.dirty = True
+            state.mtime_ns = _now_ns()
         if writable:
             self._state(node).writers += 1
         self.inodes.opened(node)

@@ -309,6 +309,11 @@ async def test_truncate_paths(env: FS) -> None:
     await env.ops.write(fh, 0, b"new")
     await env.close(fh)
     assert await env.read_file("t") == b"new"
+    # O_TRUNC passed to open (libfuse's atomic_o_trunc): the old contents are never read
+    fh = await env.open("t", os.O_WRONLY | os.O_TRUNC)
+    await env.ops.write(fh, 0, b"new")
+    await env.close(fh)
+    assert await env.read_file("t") == b"new"
     # ftruncate to grow: zeros
     fh = await env.open("t", os.O_RDWR)
     await env.setattr("t", fh=fh, size=10)
