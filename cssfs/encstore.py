@@ -16,9 +16,11 @@ Invariants the ``await`` points must keep (the S3QL ``block_cache`` note):
   the cache may be disabled or may have evicted it). A leader that fails or is cancelled
   leaves ``data=None``; a waiter then fetches the chunk itself. So a chunk costs one GET however
   many readers ask for it at once.
-* The ChunkCache and the two small LRUs are only touched between awaits, by synchronous code.
+* The ChunkCache and the small LRUs are only touched between awaits, by synchronous code.
 * Bulk crypto (more than ``INLINE_CHUNKS`` chunks) runs in worker threads behind ``cpu_limiter``;
-  a chunk or two is opened inline (a thread hop costs more than the AES-GCM of 128 KiB).
+  a chunk or two is opened inline (a thread hop costs more than the AES-GCM of 128 KiB). A
+  thread that holds a CPU token never waits for the trio loop: reading a source to upload is a
+  thread hop of its own, outside the limiter (its ``read`` may need the loop, and a token).
 * Read-ahead runs in the nursery given at construction or opened by ``async with`` on the store.
   A read-ahead task never raises: its errors are logged at DEBUG (the foreground read that needs
   the chunk meets the same error and reports it); without a nursery there is no read-ahead.
@@ -48,6 +50,7 @@ from cssfs.cache import ChunkCache
 from cssfs.envelope import (
     CHUNK_SIZE,
     HEADER_SIZE,
+    TAG_SIZE,
     EnvelopeWriter,
     Header,
     OpenedEnvelope,
@@ -75,9 +78,6 @@ from cssfs.keys import Identity, Recipient, writer_fingerprint
 from cssfs.store.base import Listing, ObjectInfo, ObjectStore, PartSource
 
 log = logging.getLogger(__name__)
-
-TAG_SIZE = 16
-CIPHER_CHUNK = CHUNK_SIZE + TAG_SIZE
 
 #: Chunks opened inline on the trio loop; more go to a worker thread.
 INLINE_CHUNKS = 2
@@ -427,6 +427,20 @@ class EncryptedStore:
                 nursery.start_soon(one, entry)
         return out
 
+    def _open_header(self, header: Header | bytes, binding: bytes | None) -> OpenedEnvelope:
+        """open_header with the first of our identities (own, then groups) the header names."""
+        parsed = header if isinstance(header, Header) else parse_header(header)
+        first: HeaderAuthError | None = None
+        for identity in self.identities:
+            if identity.recipient.key_id in parsed.key_ids:
+                try:
+                    return open_header(parsed, identity, binding=binding)
+                except HeaderAuthError as exc:  # key-id collision or tampering: try the next
+                    first = first or exc
+        if first is not None:
+            raise first
+        raise NoIdentityMatchError("the file is not encrypted for this identity")
+
     def _header_info(
         self, key: str, etag: str, data: bytes
     ) -> tuple[HeaderInfo, OpenedEnvelope | None]:
@@ -484,11 +498,11 @@ class EncryptedStore:
     async def _open_state(self, key: str, etag: str, cipher_size: int) -> _OpenState:
         try:
             header_bytes, table = await self._fetch_header_and_table(key, cipher_size)
-            header = parse_header(header_bytes)
-            info, _ = self._header_info(key, etag, header_bytes)
+            info, opened = self._header_info(key, etag, header_bytes)
             self._headers.put((key, etag), info)
-            opened = self._open_header(header, self.binding_for(key))
-            check_envelope_size(header.plain_size, cipher_size)
+            if opened is None:  # raise why (not for us, tampered, moved)
+                opened = self._open_header(header_bytes, self.binding_for(key))
+            check_envelope_size(opened.header.plain_size, cipher_size)
             assert table is not None  # the size was possible, so it matches the header's
             opened.load_table(table)
         except NoIdentityMatchError:
@@ -526,30 +540,11 @@ class EncryptedStore:
         """Plaintext of chunks ``indexes`` of one object version: cache, shared flights, then
         coalesced ranged GETs for the rest."""
         out: dict[int, bytes] = {}
-        pending = list(indexes)
+        pending: Iterable[int] = indexes
         while pending:
-            mine: builtins.list[int] = []
-            waits: builtins.list[tuple[int, _Flight]] = []
-            for i in pending:
-                ck = (state.key, state.etag, i)
-                data = self.cache.get(*ck)
-                if data is not None:
-                    out[i] = data
-                    continue
-                flight = self._in_flight.get(ck)
-                if flight is not None:
-                    waits.append((i, flight))
-                    continue
-                self._in_flight[ck] = _Flight()
-                mine.append(i)
+            mine, waits = self._claim(state, pending, out)
             if mine:
-                try:
-                    await self._fetch(state, mine, out)
-                finally:
-                    for i in mine:
-                        flight = self._in_flight.pop((state.key, state.etag, i))
-                        flight.data = out.get(i)
-                        flight.done.set()
+                await self._lead(state, mine, out)
             pending = []
             for i, flight in waits:
                 await flight.done.wait()
@@ -558,6 +553,48 @@ class EncryptedStore:
                 else:  # the leader failed or was cancelled: fetch it ourselves
                     pending.append(i)
         return out
+
+    def _claim(
+        self, state: _OpenState, indexes: Iterable[int], out: dict[int, bytes], *,
+        peek: bool = False,
+    ) -> tuple[builtins.list[int], builtins.list[tuple[int, _Flight]]]:
+        """Sort chunks into cached (copied to ``out``; with ``peek`` just skipped, uncounted),
+        in flight (to wait for) and ours: a flight is registered for each of ours, here,
+        without an await, so no other task can start a second GET for it."""
+        mine: builtins.list[int] = []
+        waits: builtins.list[tuple[int, _Flight]] = []
+        for i in indexes:
+            ck = (state.key, state.etag, i)
+            if peek:
+                if ck in self.cache:
+                    continue
+            else:
+                data = self.cache.get(*ck)
+                if data is not None:
+                    out[i] = data
+                    continue
+            flight = self._in_flight.get(ck)
+            if flight is not None:
+                waits.append((i, flight))
+                continue
+            self._in_flight[ck] = _Flight()
+            mine.append(i)
+        return mine, waits
+
+    async def _lead(
+        self, state: _OpenState, mine: builtins.list[int], out: dict[int, bytes]
+    ) -> None:
+        """Fetch the chunks we claimed, then hand them to whoever waits (even on failure)."""
+        try:
+            await self._fetch(state, mine, out)
+        finally:
+            self._land(state, mine, out)
+
+    def _land(self, state: _OpenState, mine: builtins.list[int], out: dict[int, bytes]) -> None:
+        for i in mine:
+            flight = self._in_flight.pop((state.key, state.etag, i))
+            flight.data = out.get(i)
+            flight.done.set()
 
     async def _fetch(
         self, state: _OpenState, indexes: builtins.list[int], out: dict[int, bytes]
@@ -610,15 +647,24 @@ class EncryptedStore:
             raise failure
 
     def _prefetch(self, state: _OpenState, indexes: range) -> None:
+        """Read ``indexes`` ahead in the background. The flights are claimed now, so the
+        sequential reader's next read waits for them instead of racing them with its own GET."""
         if self._nursery is None or not self.cache.enabled or not indexes:
             return
-        self._nursery.start_soon(self._prefetch_task, state, indexes)
-
-    async def _prefetch_task(self, state: _OpenState, indexes: range) -> None:
+        mine, _ = self._claim(state, indexes, {}, peek=True)
+        if not mine:
+            return
         try:
-            await self._chunks(state, indexes)
+            self._nursery.start_soon(self._prefetch_task, state, mine)
+        except RuntimeError:  # the nursery is closing: give the claims back
+            self._land(state, mine, {})
+
+    async def _prefetch_task(self, state: _OpenState, mine: builtins.list[int]) -> None:
+        try:
+            await self._lead(state, mine, {})
         except Exception as exc:  # read-ahead is a hint: never crash on it
-            log.debug("object %s: read-ahead of chunks %s failed: %s", state.key, indexes, exc)
+            log.debug("object %s: read-ahead of chunks %d-%d failed: %s",
+                      state.key, mine[0], mine[-1], exc)
 
     async def get_to(self, key: str, dst: BinaryIO, *, progress: object = None) -> HeaderInfo:
         """Write the whole plaintext of ``key`` to ``dst``; what its header says.
@@ -671,20 +717,6 @@ class EncryptedStore:
         return f.info
 
     # -- writing ---------------------------------------------------------------------------
-
-    def _open_header(self, header: Header | bytes, binding: bytes | None) -> OpenedEnvelope:
-        """open_header with the first of our identities (own, then groups) the header names."""
-        parsed = header if isinstance(header, Header) else parse_header(header)
-        first: HeaderAuthError | None = None
-        for identity in self.identities:
-            if identity.recipient.key_id in parsed.key_ids:
-                try:
-                    return open_header(parsed, identity, binding=binding)
-                except HeaderAuthError as exc:  # key-id collision or tampering: try the next
-                    first = first or exc
-        if first is not None:
-            raise first
-        raise NoIdentityMatchError("the file is not encrypted for this identity")
 
     async def recipients_of(self, key: str) -> Sequence[Recipient]:
         """Who a new envelope at ``key`` is for (besides us): the hook, else ``recipients``."""

@@ -458,7 +458,21 @@ async def test_sequential_reads_prefetch(memory_store: ObjectStore, me: Identity
         while off < len(data):
             assert await f.read(off, 2 * CS) == data[off : off + 2 * CS]
             off += 2 * CS
-        assert store.stats.requests["get"] - gets <= 6
+        assert store.stats.requests["get"] - gets <= 3  # one per read-ahead top-up
+
+
+async def test_closing_the_store_cancels_read_ahead(
+    memory_store: ObjectStore, me: Identity
+) -> None:
+    data = pattern(40 * CS, 14)
+    await es_for(memory_store, me).put("x", data)
+    es = es_for(memory_store, me, cache=16 << 20, readahead_bytes=32 * CS)
+    async with es:
+        f = await es.open("x")
+        assert await f.read(0, CS) == data[:CS]  # a sequential start: read-ahead claimed
+        assert es._in_flight
+    assert not es._in_flight  # cancelled, and every claim handed back
+    assert await f.read(5 * CS, 10) == data[5 * CS : 5 * CS + 10]
 
 
 @tamper_logged
