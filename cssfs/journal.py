@@ -802,8 +802,9 @@ class Journal:
             if op is not None:
                 await self._rename_pending(op, src, dst, dst_etag)
                 return True
+            # Everything queued for dst goes, deletes too: a delete expecting one of our
+            # envelopes would take the very payload the store-side rename is about to put there.
             plan = self._plan(dst, _Expect())
-            plan.drop = [o for o in plan.drop if o.kind == "put"]  # deletes are conditional
             await self._apply(plan)
         for running in plan.running:
             while not running.finished and running.state == RUNNING:
@@ -1275,6 +1276,9 @@ class Journal:
                 if current is None:
                     hint = None
                 elif ours:
+                    if current.etag not in expect.etags:
+                        log.debug("journal: entry %d: an earlier upload of ours is there",
+                                  op.record.seq)
                     hint = current.etag
                 else:
                     return current
