@@ -1,10 +1,11 @@
 """journal: closed files waiting for upload -- durable, encrypted, uploaded in the background.
 
-What it knows: the mount's journal directory (``<state_dir>/journal/``), envelope files sealed by
-EncryptedStore, their headers (to reseal them for a new key, mtime or mode, and to read them
-back), the raw ObjectStore (HEAD and the first 4096 bytes of an object, to tell our own
-envelopes from somebody else's), trio. What it must not know: FUSE, inodes, boto3, plaintext on
-disk -- everything it writes is ciphertext, and a crash leaves nothing but ciphertext behind.
+What it knows: the mount's journal directory (``<state_dir>/journal/``), envelopes (it seals
+them with EnvelopeWriter for the EncryptedStore's identity, recipients and bindings, reseals
+their headers for a new key, mtime or mode, and reads them back), the raw ObjectStore (HEAD and
+the first 4096 bytes of an object, to tell our own envelopes from somebody else's), trio. What
+it must not know: FUSE, inodes, boto3, plaintext on disk -- everything it writes is ciphertext,
+and a crash leaves nothing but ciphertext behind.
 docs/WRITES.md is the long version of this docstring, with the on-disk format.
 
 The model. The journal is a set of *records*, each one sidecar file ``<seq>.json`` (seq: a
