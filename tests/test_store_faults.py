@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -178,12 +178,13 @@ async def test_outage_longer_than_the_budget(fault_proxy: Any, s3_bucket: Any) -
     async with via_proxy(fault_proxy, s3_bucket, retry=TINY) as store:
         await store.put("k", b"v")
         with fault_proxy.outage():
-            for what, op in [
+            ops: list[tuple[str, Callable[[], Awaitable[object]]]] = [
                 ("PUT", lambda: store.put("new", b"x")),
                 ("GET", lambda: store.get("k")),
                 ("HEAD", lambda: store.head("k")),
                 ("LIST", lambda: store.list()),
-            ]:
+            ]
+            for what, op in ops:
                 with trio.fail_after(10):  # the budget is 2 s
                     with pytest.raises(StoreUnavailableError, match=what):
                         await op()

@@ -297,6 +297,12 @@ class ObjectStore(Protocol):
         """Release connections and threads; the store must not be used afterwards."""
         ...
 
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: object) -> None:
+        """``aclose()``."""
+        ...
+
 
 # -- helpers for the implementations ---------------------------------------------------------
 

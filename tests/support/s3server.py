@@ -121,7 +121,9 @@ def install_fast_range() -> None:
         from moto.s3.models import FakeKey, S3Backend
         from moto.s3.responses import S3Response
 
-        stock_value = FakeKey.value
+        stock_value: property = FakeKey.__dict__["value"]
+        stock_get = stock_value.fget
+        assert stock_get is not None
         stock_get_object = S3Response.get_object
         stock_key_response = S3Response.key_response
         stock_upload_part_copy = S3Backend.upload_part_copy
@@ -130,7 +132,7 @@ def install_fast_range() -> None:
             if getattr(_state, "lazy", False):
                 return _LazyValue(self)
             COUNTERS.add_whole(self.contentsize)
-            return stock_value.fget(self)
+            return stock_get(self)
 
         def get_object(self: Any) -> Any:
             with _lazy_values():
@@ -149,10 +151,10 @@ def install_fast_range() -> None:
             with _lazy_values():
                 return stock_upload_part_copy(self, *args, **kwargs)
 
-        FakeKey.value = property(value, stock_value.fset)
-        S3Response.get_object = get_object
-        S3Response.key_response = key_response
-        S3Backend.upload_part_copy = upload_part_copy
+        setattr(FakeKey, "value", property(value, stock_value.fset))  # noqa: B010
+        setattr(S3Response, "get_object", get_object)  # noqa: B010
+        setattr(S3Response, "key_response", key_response)  # noqa: B010
+        setattr(S3Backend, "upload_part_copy", upload_part_copy)  # noqa: B010
         _installed = True
 
 
