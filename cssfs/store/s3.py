@@ -96,6 +96,7 @@ DEFAULT_MAX_CONNECTIONS = 10
 MAX_COPY_PART_SIZE = 5 * 1024**3  # S3: the largest part, and the largest CopyObject source
 DEFAULT_COPY_PART_SIZE = 1024**3  # UploadPartCopy ranges of replace_head, copied in parallel
 _ABORT_RETRY = RetryPolicy(attempts=3, budget=5.0, base_delay=0.1, max_delay=1.0)
+_ABORT_SECONDS = 15  # at most this long in an abort, even while the caller is cancelled
 
 _TRANSIENT_CODES = frozenset(
     {
@@ -524,8 +525,7 @@ class S3Store(StoreBase):
                 size = sum(sizes.values())
                 return await self._complete(upload, etags, size, if_match, if_none_match)
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._abort(upload)
+                await self._abort(upload)
                 raise
 
     async def _send_parts(
@@ -631,29 +631,40 @@ class S3Store(StoreBase):
         return ObjectInfo(upload.key, size, _etag(response["ETag"]), _server_time(response))
 
     async def _abort(self, upload: _Upload) -> None:
-        """Abort a failed multipart upload; if that fails too, try again at aclose()."""
-        try:
-            await self._call(
-                "abort_multipart",
-                self.where(upload.key),
-                lambda: self._client.abort_multipart_upload(
-                    Bucket=self.bucket, Key=upload.full_key, UploadId=upload.upload_id
-                ),
-                policy=_ABORT_RETRY,
-            )
-        except NoSuchObjectError:
-            self._orphans.discard(upload)  # already gone (completed or aborted)
-            self._finished_markers.append(self._marker_key(upload))
-        except StoreError as exc:
-            self._orphans.add(upload)
+        """Abort a failed multipart upload; if that fails too, try again at aclose().
+
+        Shielded from cancellation (it runs while a cancelled upload unwinds) but bounded in
+        time, so a cancelled caller is never held for long."""
+        self._orphans.add(upload)  # until the abort is known to have worked
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + _ABORT_SECONDS
+            try:
+                await self._call(
+                    "abort_multipart",
+                    self.where(upload.key),
+                    lambda: self._client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload.full_key, UploadId=upload.upload_id
+                    ),
+                    policy=_ABORT_RETRY,
+                )
+            except NoSuchObjectError:
+                self._orphans.discard(upload)  # already gone (completed or aborted)
+                self._finished_markers.append(self._marker_key(upload))
+            except StoreError as exc:
+                log.warning(
+                    "%s: could not abort a failed multipart upload (%s); will retry at close",
+                    self.where(upload.key),
+                    exc,
+                )
+            else:
+                self._orphans.discard(upload)
+                self._finished_markers.append(self._marker_key(upload))
+        if scope.cancelled_caught:
             log.warning(
-                "%s: could not abort a failed multipart upload (%s); will retry at close",
+                "%s: could not abort a failed multipart upload in %d s; will retry at close",
                 self.where(upload.key),
-                exc,
+                _ABORT_SECONDS,
             )
-        else:
-            self._orphans.discard(upload)
-            self._finished_markers.append(self._marker_key(upload))
 
     # -- upload markers and unfinished uploads ---------------------------------------------------
 
@@ -878,8 +889,7 @@ class S3Store(StoreBase):
             etags = await self._send_parts(produce, tokens)
             return await self._complete(upload, etags, new_size, expected, False)
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._abort(upload)
+            await self._abort(upload)
             raise
 
     async def _copy_part(self, upload: _Upload, number: int, a: int, b: int, etag: str) -> str:
