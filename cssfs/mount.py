@@ -27,13 +27,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from cssfs import config, service
 from cssfs.cache import ChunkCache
 from cssfs.encstore import EncryptedStore
 from cssfs.envelope import HEADER_SIZE, open_header
-from cssfs.errors import ConfigError, CssfsError
+from cssfs.errors import ConfigError, CssfsError, StoreUnavailableError
 from cssfs.fs import Operations, Reader
 from cssfs.journal import Journal
 from cssfs.keys import Identity, Recipient, writer_fingerprint
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_SIZE = 256 * 1024 * 1024
 DEFAULT_LIST_TTL = 2.0
+MAX_RETRY_PAUSE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -108,17 +110,30 @@ class Daemon:
         self.abandoned = False  # a second signal: stop waiting for uploads
         self._flush_scopes: set[trio.CancelScope] = set()
 
-    async def flush_all(self) -> None:
-        """Commit open files and wait until nothing is pending (unless abandoned)."""
-        with trio.CancelScope() as scope:
-            if self.abandoned:
-                scope.cancel()
-            self._flush_scopes.add(scope)
-            try:
-                await self.ops.commit_all()
-                await self.journal.flush()
-            finally:
-                self._flush_scopes.discard(scope)
+    async def flush_all(self, *, until_done: bool = False) -> None:
+        """Commit open files and wait until nothing is pending, unless abandoned.
+
+        ``until_done``: while the store is unreachable, keep retrying (with a growing pause)
+        instead of raising; other errors (access denied, a damaged journal entry) raise.
+        """
+        pause = 1.0
+        while not self.abandoned:
+            with trio.CancelScope() as scope:
+                self._flush_scopes.add(scope)
+                try:
+                    await self.ops.commit_all()
+                    await self.journal.flush()
+                    return
+                except StoreUnavailableError as exc:
+                    if not until_done:
+                        raise
+                    log.warning("uploads are failing (%s); retrying in %.0f s (a second "
+                                "SIGTERM/SIGINT stops waiting; files stay in the journal)",
+                                exc, pause)
+                    await trio.sleep(pause)
+                    pause = min(pause * 2, MAX_RETRY_PAUSE_S)
+                finally:
+                    self._flush_scopes.discard(scope)
 
     def abandon(self) -> None:
         self.abandoned = True
@@ -286,13 +301,34 @@ async def _watch_signals(daemon: Daemon, nursery: trio.Nursery) -> None:
 
 
 async def _flush_then_terminate(daemon: Daemon) -> None:
-    await daemon.flush_all()
+    try:
+        await daemon.flush_all()
+    except CssfsError as exc:  # the final flush after the main loop tries again
+        log.warning("uploading before unmounting: %s", exc)
     if daemon.serving:
         daemon.serving = False
         pyfuse3.terminate()
 
 
 # -- the daemon ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _exclusive(state_dir: Path, url: str) -> Iterator[None]:
+    """Hold the state folder's lock: one daemon per journal (flock; released at exit, even by
+    a crash)."""
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{url} is already mounted by another cssfs daemon of this user "
+                f"(its journal {state_dir} is in use)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_mountpoint(path: str) -> str:
@@ -316,6 +352,7 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
         stack.push_async_callback(store.aclose)
         state_dir = cfg.state_dir or store_state_dir(store.url)
         config.ensure_private_dir(state_dir)
+        stack.enter_context(_exclusive(state_dir, store.url))
         await store.list("", "/")  # fail now, not in the first request: bucket, credentials
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)  # runs first: stop background tasks
@@ -366,12 +403,19 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
             service.notify(f"READY=1\nSTATUS=serving {store.url} at {mountpoint}")
             log.info("mounted %s at %s", store.url, mountpoint)
             await pyfuse3.main()
-            daemon.serving = False
-            service.notify("STOPPING=1\nSTATUS=uploading pending files")
-            await daemon.flush_all()
         except BaseException:
             daemon.serving = False
             pyfuse3.close(unmount=False)
             raise
-        pyfuse3.close(unmount=True)
+        daemon.serving = False
+        service.notify("STOPPING=1\nSTATUS=uploading pending files")
+        try:
+            await daemon.flush_all(until_done=True)
+        finally:
+            pyfuse3.close(unmount=True)
+            left = journal.stats().pending
+            if left:
+                log.warning("%d file(s) not uploaded yet stay in the journal %s and are "
+                            "uploaded at the next mount of %s", left, journal.directory,
+                            store.url)
         log.info("unmounted %s", mountpoint)

@@ -440,3 +440,17 @@ def test_closed_file_survives_kill_9(env: Env, tmp_path: Path) -> None:
         assert m.path("durable").read_bytes() == b"closed, then kill -9"
         m.sync()
         assert (store / "durable").is_file()
+
+
+def test_one_daemon_per_store_and_journal(env: Env, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    state = tmp_path / "state"
+    with mounted(os.fspath(store), tmp_path / "mnt", env.identity_path, state_home=state) as m:
+        (tmp_path / "mnt2").mkdir()
+        second = m.run_cli("-i", os.fspath(env.identity_path), "mount", "--foreground",
+                           os.fspath(store), os.fspath(tmp_path / "mnt2"))
+        assert second.returncode == 22, second.stderr
+        assert "already mounted by another cssfs daemon" in second.stderr
+        assert second.stderr.count("\n") == 1
+        assert not os.path.ismount(tmp_path / "mnt2")
