@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import trio
 
 from cssfs.envelope import (
+    HEADER_SIZE,
     Header,
     OpenedEnvelope,
     decrypt_stream,
@@ -146,7 +147,7 @@ def open_bytes(data: bytes, identity: Identity, *, binding: bytes) -> tuple[byte
     """(payload, header) of a whole small envelope, fully verified."""
     out = io.BytesIO()
     decrypt_stream(io.BytesIO(data), out, identity, binding=binding)
-    return out.getvalue(), parse_header(data[: 4096])
+    return out.getvalue(), parse_header(data[:HEADER_SIZE])
 
 
 # -- the signed record -------------------------------------------------------------------------

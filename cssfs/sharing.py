@@ -230,6 +230,19 @@ class Sharing:
         group_identities = await Groups(store, identity, now).load_identities()
         return cls(store, identity, trust, group_identities=group_identities, **kwargs)  # type: ignore[arg-type]
 
+    async def reload_groups(self) -> bool:
+        """Load the group keys we hold again (after being added to a group, or a rotation
+        while running); True if the set changed. ``identities`` is updated in place of the old
+        tuple, so a caller that passed it on (EncryptedStore) must pass it again."""
+        loaded = tuple(await self.groups.load_identities())
+        key = {(g.name, g.generation, g.identity.recipient) for g in loaded}
+        if key == {(g.name, g.generation, g.identity.recipient) for g in self.group_identities}:
+            return False
+        self.group_identities = loaded
+        self.identities = (self.identity, *(g.identity for g in loaded))
+        self._group_cache.clear()
+        return True
+
     # -- names ------------------------------------------------------------------------------
 
     def _binding(self, key: str) -> bytes:

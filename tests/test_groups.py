@@ -239,3 +239,15 @@ async def test_unshare_group_rekeys_for_remaining() -> None:
     assert report.changed == ["d/f"]
     head = parse_header((await store.get("d/f"))[:HEADER_SIZE])
     assert set(head.key_ids) == {ALICE.recipient.key_id, CAROL.recipient.key_id}
+
+
+async def test_reload_groups_after_being_added() -> None:
+    store = MemoryStore()
+    t = trust(ALICE, BOB)
+    bob = await Sharing.load(store, BOB, trust(BOB, ALICE))
+    assert bob.group_identities == ()
+    await Groups(store, ALICE, t).create("late", [])
+    assert not await bob.reload_groups()
+    await Groups(store, ALICE, t).add("late", [BOB.recipient])
+    assert await bob.reload_groups()
+    assert [g.name for g in bob.group_identities] == ["late"] and len(bob.identities) == 2
