@@ -310,6 +310,13 @@ async def _flush_then_terminate(daemon: Daemon) -> None:
         pyfuse3.terminate()
 
 
+async def _watchdog(interval: float) -> None:
+    """systemd's WatchdogSec=: the loop is alive as long as this keeps running."""
+    while True:
+        service.notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
 # -- the daemon ---------------------------------------------------------------------------------
 
 
@@ -399,6 +406,9 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
         try:
             nursery.start_soon(_serve_control, daemon, listener)
             nursery.start_soon(_watch_signals, daemon, nursery)
+            interval = service.watchdog_interval()
+            if interval is not None:
+                nursery.start_soon(_watchdog, interval)
             daemon.serving = True
             service.notify(f"READY=1\nSTATUS=serving {store.url} at {mountpoint}")
             log.info("mounted %s at %s", store.url, mountpoint)

@@ -59,6 +59,20 @@ def notify(message: str, *, env: dict[str, str] | None = None) -> bool:
     return True
 
 
+def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
+    """How often to send ``WATCHDOG=1`` (half of ``$WATCHDOG_USEC``), or None if systemd asked
+    for no watchdog or asked another process (``$WATCHDOG_PID``)."""
+    environ = os.environ if env is None else env
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    pid = environ.get("WATCHDOG_PID")
+    if usec <= 0 or (pid and pid != str(os.getpid())):
+        return None
+    return usec / 2_000_000
+
+
 def status(text: str) -> bool:
     """Shorthand for ``notify("STATUS=" + text)``; newlines are flattened to keep one line."""
     return notify("STATUS=" + " ".join(text.splitlines()))

@@ -17,6 +17,7 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 from pyfuse3 import FUSEError
 
 from cssfs import fs as fsmod
@@ -585,3 +586,89 @@ async def test_forget_drops_inodes(env: FS) -> None:
     await env.ops.forget([(inode, node.lookups)])
     with pytest.raises(KeyError):
         env.ops.inodes.get(inode)
+
+
+# -- building blocks: the inode table, the listing cache, sd_notify ------------------------------
+
+
+def test_inode_table_counts_and_moves() -> None:
+    from cssfs.inodes import InodeTable
+
+    table = InodeTable()
+    d = table.lookup("d", True)
+    f = table.lookup("d/f", False)
+    table.opened(f)
+    table.move("d", "e")
+    assert (d.path, f.path) == ("e", "e/f")
+    assert table.at("e/f") is f and table.at("d/f") is None
+    table.detach("e/f")  # unlinked while open and known to the kernel
+    assert table.get(f.inode) is f and f.detached
+    table.forget(f.inode, 1)
+    assert table.get(f.inode) is f  # still open
+    table.closed(f)
+    with pytest.raises(KeyError):
+        table.get(f.inode)
+    g = table.lookup("e/g", False)
+    table.lookup("e/g", False)
+    table.forget(g.inode, 1)
+    assert table.get(g.inode) is g
+    table.forget(g.inode, 1)
+    with pytest.raises(KeyError):
+        table.get(g.inode)
+    assert table.lookup("e/g", False).inode != g.inode  # numbers are never reused
+
+
+async def test_dircache_single_flight_ttl_and_edits() -> None:
+    from cssfs.dircache import DirCache
+
+    now = [0.0]
+    cache: DirCache[int] = DirCache(2.0, clock=lambda: now[0])
+    calls = 0
+    gate = trio.Event()
+
+    async def loader() -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return {"a": 1, "gone": 2}
+
+    results: list[dict[str, int]] = []
+
+    async def get() -> None:
+        results.append(dict(await cache.get("", loader)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(get)
+        nursery.start_soon(get)
+        await trio.testing.wait_all_tasks_blocked()
+        cache.set_entry("", "new", 3)  # our change while the LIST runs
+        cache.set_entry("", "gone", None)
+        gate.set()
+    assert calls == 1
+    assert results == [{"a": 1, "new": 3}] * 2
+    now[0] = 1.0
+    assert await cache.get("", loader) == {"a": 1, "new": 3}
+    now[0] = 3.0  # expired: a new LIST, and edits older than it are dropped
+    assert await cache.get("", loader) == {"a": 1, "gone": 2}
+    assert calls == 2
+
+
+def test_sd_notify_plain_and_abstract_sockets(tmp_path: Path) -> None:
+    import socket
+
+    from cssfs import service
+
+    assert service.notify("READY=1", env={}) is False
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(os.fspath(path))
+        assert service.notify("READY=1\nSTATUS=ok", env={"NOTIFY_SOCKET": os.fspath(path)})
+        assert sock.recv(100) == b"READY=1\nSTATUS=ok"
+    name = f"cssfs-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(b"\0" + name.encode())
+        assert service.notify("WATCHDOG=1", env={"NOTIFY_SOCKET": "@" + name})
+        assert sock.recv(100) == b"WATCHDOG=1"
+    assert service.watchdog_interval({"WATCHDOG_USEC": "4000000"}) == 2.0
+    assert service.watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}) is None
+    assert service.watchdog_interval({}) is None

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 
-from cssfs.envelope import CHUNK_SIZE, HEADER_SIZE
+from cssfs.envelope import CHUNK_SIZE, HEADER_SIZE, parse_header
 from tests.support.mounting import (
     MiB,
     Mount,
@@ -103,6 +103,11 @@ def test_copy_tree_compare_remount_compare(world: World, mnt: Mount) -> None:
     objects = world.objects()
     assert "tree/a/b/five-mib" in objects
     assert not any(CANARY[:20] in data for data in objects.values())
+    for key, data in objects.items():  # only envelopes (and empty folder markers)
+        if key.endswith("/"):
+            assert data == b""
+        elif ".cssfs-" not in key:
+            parse_header(data[:HEADER_SIZE])
     mnt.remount()
     cmp_trees(src, mnt.path("tree"))
     assert mnt.status()["store_requests"]["get"] > 0
