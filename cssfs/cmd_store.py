@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 STDIO = "-"
 LOCAL_MARKER = ".cssfs-tmp"  # created by the folder store at its first write (store.local)
+INTERNAL_PREFIX = ".cssfs-"  # cssfs's own objects (folder policies, groups): hidden, not writable
 
 
 def register(commands: Subparsers) -> None:
@@ -94,6 +95,8 @@ def register(commands: Subparsers) -> None:
     )
     p.add_argument("location", metavar="STORE_URL[/PREFIX]")
     p.add_argument("-l", "--long", action="store_true", help="sizes, times, writers, access")
+    p.add_argument("-a", "--all", action="store_true",
+                   help="also cssfs's own objects (.cssfs-* : folder policies, groups)")
     _store_options(p)
     p.set_defaults(func=_ls)
 
@@ -233,12 +236,27 @@ async def _opened(loc: Location, args: argparse.Namespace) -> AsyncIterator[Obje
             await store.aclose()
 
 
-def _encrypted(
-    store: ObjectStore, identity: Identity, recipients: Sequence[Recipient] = ()
+async def _encrypted(
+    store: ObjectStore, identity: Identity, extra: Sequence[Recipient] = ()
 ) -> EncryptedStore:
+    """An EncryptedStore as the mount would build it: files are opened with our identity and
+    the keys of our groups, and a new file is encrypted for its folder's recipient policy (as
+    `cssfs share` set it) plus ``extra`` (the -r recipients)."""
     from cssfs.encstore import EncryptedStore
+    from cssfs.policy import Trust
+    from cssfs.sharing import Sharing
 
-    return EncryptedStore(store, identity, recipients)
+    trust = Trust.of(identity.recipient, config.Contacts.load())
+    sharing = await Sharing.load(store, identity, trust)
+
+    async def recipients_for(key: str) -> list[Recipient]:
+        return [*await sharing.resolve_recipients(key), *extra]
+
+    return EncryptedStore(
+        store, identity, extra,
+        identities=[g.identity for g in sharing.group_identities],
+        recipients_for=recipients_for,
+    )
 
 
 # -- put --------------------------------------------------------------------------------------
@@ -279,7 +297,17 @@ def plan_uploads(sources: Sequence[str], dest: Location, recursive: bool) -> lis
                 path = Path(root) / name
                 if path.is_file():
                     plan.append(Upload(str(path), top + path.relative_to(base).as_posix()))
+    for item in plan:
+        if not item.key or item.key.endswith("/") or "//" in item.key:
+            raise CliError(f"{item.source}: no object name to upload to", ExitCode.USAGE)
+        if _internal(item.key):
+            raise CliError(f"{item.key}: names starting with {INTERNAL_PREFIX} are cssfs's own",
+                           ExitCode.USAGE)
     return plan
+
+
+def _internal(key: str) -> bool:
+    return any(part.startswith(INTERNAL_PREFIX) for part in key.split("/"))
 
 
 def _put(args: argparse.Namespace) -> None:
@@ -294,7 +322,7 @@ def _put(args: argparse.Namespace) -> None:
 
     async def work() -> None:
         async with _opened(dest, args) as store:
-            es = _encrypted(store, identity, recipients)
+            es = await _encrypted(store, identity, recipients)
             for item in plan:
                 await _put_one(es, item, dest.where(item.key))
 
@@ -350,7 +378,7 @@ def _get(args: argparse.Namespace) -> None:
 
     async def work() -> None:
         async with _opened(loc, args) as store:
-            es = _encrypted(store, identity)
+            es = await _encrypted(store, identity)
             try:
                 obj = await store.head(key)
                 with _atomic_output(dest) as f, Progress(
@@ -412,7 +440,7 @@ async def _cat_all(args: argparse.Namespace, locs: Sequence[Location], identity:
         key = _object_key(loc)
         async with _opened(loc, args) as store:
             try:
-                await _encrypted(store, identity).get_to(key, out)
+                await (await _encrypted(store, identity)).get_to(key, out)
             except CssfsError as exc:
                 raise about(loc.where(key), exc) from None
 
@@ -436,9 +464,11 @@ def _ls(args: argparse.Namespace) -> None:
     async def work() -> list[str]:
         async with _opened(loc, args) as store:
             entries, base = await _listing(store, loc)
+            if not args.all:
+                entries = [e for e in entries if not _internal(e.key[len(base) :])]
             if identity is None or book is None:
                 return [e.key[len(base) :] for e in entries]
-            infos = await _encrypted(store, identity).headers(entries)
+            infos = await (await _encrypted(store, identity)).headers(entries)
             return [_long_line(e, infos.get(e.key), base, identity, book) for e in entries]
 
     for line in _run(args, work):

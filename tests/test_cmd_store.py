@@ -152,6 +152,8 @@ def test_plan_uploads(tmp_path: Path) -> None:
         plan_uploads(["-"], folder, False)
     with pytest.raises(FileNotFoundError):
         plan_uploads([str(tmp_path / "missing")], folder, False)
+    with pytest.raises(cli.CliError, match="cssfs's own"):
+        plan_uploads([a], Location("s3://bk/.cssfs-policy", "s3://bk", ".cssfs-policy"), False)
 
 
 class _Tty(io.StringIO):
@@ -342,3 +344,22 @@ def test_memory_store_url(people: dict[str, str], env: Path, run: Run) -> None:
     assert ok(run("cat", "memory://cmdstore-test/dir/m")).out == CANARY.decode()
     ok(run("rm", "-r", "memory://cmdstore-test/"))
     assert ok(run("ls", "memory://cmdstore-test")).out == ""
+
+
+def test_put_follows_the_folder_policy(
+    people: dict[str, str], env: Path, bucket: Path, run: Run
+) -> None:
+    """A file put into a folder shared with `cssfs share` is encrypted for its people too, as
+    the mount would; cssfs's own policy object is hidden from ls (shown with -a)."""
+    (env / "f").write_bytes(CANARY)
+    ok(run("put", str(env / "f"), f"{bucket}/team/first"))
+    ok(run("share", "--store", str(bucket), "team", "alice"))
+    ok(run("put", str(env / "f"), f"{bucket}/team/second"))
+    ok(run("put", str(env / "f"), f"{bucket}/private"))
+    alice = str(env / "alice.id")
+    for name in ("team/first", "team/second"):
+        assert ok(run("-i", alice, "cat", f"{bucket}/{name}")).out == CANARY.decode()
+    fails(run("-i", alice, "cat", f"{bucket}/private"), ExitCode.NO_MATCHING_IDENTITY)
+    assert ok(run("ls", f"{bucket}/team")).out == "first\nsecond\n"
+    assert ".cssfs-policy" in ok(run("ls", "-a", f"{bucket}/team")).out
+    fails(run("put", str(env / "f"), f"{bucket}/team/.cssfs-policy"), ExitCode.USAGE)
