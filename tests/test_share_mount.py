@@ -250,7 +250,8 @@ def tst_unshare_bob(w: World) -> None:
     w.mounts["alice"].sync()
     assert w.path("bob", "c.txt").read_bytes() == b"before unshare"
     old_head = parse_header(w.raw_get(f"{FOLDER}/c.txt")[:HEADER_SIZE])
-    result = w.cli("alice", "unshare", "--store", w.url, FOLDER, "bob")
+    # PATH inside the mount: the store comes from /proc/mounts (fsname=cssfs:<url>).
+    result = w.cli("alice", "unshare", os.fspath(w.mounts["alice"].path(FOLDER)), "bob")
     assert result.returncode == 0, result.stderr
     new_head = parse_header(w.raw_get(f"{FOLDER}/c.txt")[:HEADER_SIZE])
     assert new_head.commitment != old_head.commitment  # a new file key
@@ -266,6 +267,11 @@ def tst_unshare_bob(w: World) -> None:
     assert w.path("alice", "b.txt").read_bytes() == b"from bob\n"
     head = parse_header(w.raw_get(f"{FOLDER}/b.txt")[:HEADER_SIZE])
     assert head.writer == w.ids["alice"].recipient.ed25519
+    access = w.cli("alice", "access", os.fspath(w.mounts["alice"].path(FOLDER)))
+    assert access.returncode == 0, access.stderr
+    assert "policy: shared/.cssfs-policy" in access.stdout
+    assert f"bob ({w.ids['bob'].recipient.fingerprint})" not in access.stdout
+    assert f"me ({w.ids['alice'].recipient.fingerprint})" in access.stdout
     for who in ("bob", "carol"):
         assert CANARY.decode().strip() not in w.mounts[who].stderr()
 
