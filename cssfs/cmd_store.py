@@ -56,11 +56,14 @@ INTERNAL_PREFIX = ".cssfs-"  # cssfs's own objects (folder policies, groups): hi
 def register(commands: Subparsers) -> None:
     p = commands.add_parser(
         "put", help="encrypt files and upload them to a store",
-        description="Encrypt FILE(s) for you and the recipients and upload them. DEST is "
-        "STORE_URL/PATH: s3://bucket/path, or a store folder. A DEST ending in '/' (or several "
-        "FILEs, or -R) is a folder the files go into under their own names. FILE '-' is stdin.",
+        description="Encrypt FILE(s) for you, the recipients and the people the destination "
+        "folder is shared with, and upload them. DEST is STORE_URL/PATH: s3://bucket/path, or a "
+        "path in a store folder. A DEST ending in '/' (or several FILEs) is a folder the files "
+        "go into under their own names; with -R a folder goes in under its own name, or, alone "
+        "and to a DEST not ending in '/', becomes DEST. FILE '-' is stdin.",
     )
-    p.add_argument("paths", metavar="FILE... DEST", nargs="+")
+    p.add_argument("files", metavar="FILE", nargs="+")
+    p.add_argument("dest", metavar="DEST")
     p.add_argument("-r", "--recipient", metavar="RECIPIENT", action="append", default=[],
                    help="a contact name, a cssfs1... recipient string, or a public key file "
                    "(recipient_public_key.pem); repeatable")
@@ -311,11 +314,8 @@ def _internal(key: str) -> bool:
 
 
 def _put(args: argparse.Namespace) -> None:
-    if len(args.paths) < 2:
-        raise CliError("put needs FILE... and a destination STORE_URL/PATH", ExitCode.USAGE)
-    *sources, dest_text = args.paths
-    dest = parse_location(dest_text)
-    plan = plan_uploads(sources, dest, args.recursive)
+    dest = parse_location(args.dest)
+    plan = plan_uploads(args.files, dest, args.recursive)
     identity = load_identity(args)
     book = config.Contacts.load()
     recipients = [config.resolve_recipient(text, book) for text in args.recipient]
