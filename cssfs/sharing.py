@@ -449,10 +449,15 @@ class Sharing:
             for obj in files:
                 nursery.start_soon(task, obj)
 
-    async def _read_header(self, key: str) -> tuple[Header, str]:
+    async def _read_header(self, key: str, info: ObjectInfo | None = None) -> tuple[Header, str]:
         """The header of ``key`` and the ETag it was read under; _NotEnvelope for an object
-        that is not a cssfs envelope at all (a foreign file: nothing to share)."""
-        info = await self.store.head(key)
+        that is not a cssfs envelope at all (a foreign file: nothing to share).
+
+        ``info`` from a listing saves the HEAD; if the object changed since, the header read
+        may be newer than its ETag, and the conditional write that follows fails and retries.
+        """
+        if info is None:
+            info = await self.store.head(key)
         try:
             plain_size(info.size)
             data = await self.store.get(key, 0, HEADER_SIZE)
@@ -506,16 +511,19 @@ class Sharing:
             )
 
         async def one(obj: ObjectInfo) -> None:
-            await self._share_file(obj.key, adds, report)
+            await self._share_file(obj, adds, report)
 
         await self._run(files, one, SHARE_CONCURRENCY, progress)
         return report
 
-    async def _share_file(self, key: str, adds: Sequence[Recipient], report: ShareReport
+    async def _share_file(self, obj: ObjectInfo, adds: Sequence[Recipient], report: ShareReport
                           ) -> None:
+        key = obj.key
+        listed: ObjectInfo | None = obj
         for _ in range(ATTEMPTS):
             try:
-                header, etag = await self._read_header(key)
+                header, etag = await self._read_header(key, listed)
+                listed = None
                 missing = [r for r in adds if r.key_id not in header.key_ids]
                 if not missing:
                     report.already.append(key)
