@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.suite, ["scripts/bench", *argv], args.quick, runs)
     report.env = environment(repo)
     report.env["root"] = os.geteuid() == 0
+    report.env["loadavg_start"] = os.getloadavg()
     status = 0
     t0 = time.monotonic()
     with Cleanup() as cleanup:
@@ -106,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             log("cleaning up")
     report.env["wall_s"] = round(time.monotonic() - t0, 1)
+    report.env["loadavg_end"] = os.getloadavg()
+    if report.env["loadavg_start"][0] > 1.5 or report.env["loadavg_end"][2] > 3:
+        report.note(f"the machine was busy (load average {report.env['loadavg_start'][0]:.1f} "
+                    f"at start, {report.env['loadavg_end'][2]:.1f} over the last 15 min at the "
+                    "end): figures are noisier than usual")
     path = report.write_json(out_dir)
     sys.stdout.write(report.markdown())
     log(f"results: {path}")

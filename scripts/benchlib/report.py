@@ -170,12 +170,23 @@ class Report:
             f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(self.started))}",
             "",
             f"`{' '.join(self.argv)}` · runs per figure: {self.runs} · "
-            f"{self.env.get('machine', '')}",
-            "",
-            "| figure | median | min–max | unit | better | ratio (median / median) | target |",
-            "|---|---:|---:|---|---|---|---|",
+            f"{self.env.get('machine', '')} · commit {self.env.get('commit', '?')}"
+            f"{' (dirty)' if self.env.get('dirty') else ''} · "
+            f"{self.env.get('wall_s', '?')} s",
         ]
+        titles = {"crypto": "crypto (issue 2)", "store": "store (issue 3)",
+                  "fs": "mount (issues 4, 7)", "share": "share (issue 5)"}
+        group = None
         for fig in self.figures.values():
+            g = fig.key.split(".", 1)[0]
+            if g != group:
+                group = g
+                lines += [
+                    "", f"#### {titles.get(g, g)}", "",
+                    "| figure | median | min–max | unit | better | ratio (median / median) "
+                    "| target |",
+                    "|---|---:|---:|---|---|---|---|",
+                ]
             ratios = []
             for ref_key in fig.refs:
                 ref = self.figures.get(ref_key)
