@@ -463,10 +463,10 @@ class Operations(pyfuse3.Operations):
         parent, name = split(path)
         attrs = (await self._listing(parent)).get(name)
         if attrs is None:
-            # A folder may exist only through files not uploaded yet (or open here).
-            if self.journal.pending_under(path + "/") or any(
-                self._local(n.path) for n in self.inodes.below(path)
-            ):
+            # A folder we showed that holds files not uploaded yet (or open here) but nothing
+            # in the store any more (another client emptied it) must not vanish under them.
+            node = self.inodes.at(path)
+            if node is not None and node.is_dir and self._holds_local(path):
                 return self._dir_attrs()
             return None
         if not attrs.is_dir and self.journal.is_hidden(path):
@@ -489,16 +489,22 @@ class Operations(pyfuse3.Operations):
                 children.setdefault(name, self._dir_attrs())
             else:
                 children[name] = self._pending_attrs(info)
-        for node in self.inodes.below(path):
-            local = self._local(node.path)
-            if local is None:
-                continue
-            name, sep, _ = node.path[len(prefix) :].partition("/")
-            if sep:
-                children.setdefault(name, self._dir_attrs())
-            else:
-                children[name] = local
+        for node in self.inodes.children(path):
+            local = self._local(node.path) if not node.is_dir else None
+            if local is not None:
+                children[node.name] = local
+            elif node.is_dir and node.name not in children and self._holds_local(node.path):
+                children[node.name] = self._dir_attrs()
         return children
+
+    def _holds_local(self, path: str) -> bool:
+        """Whether folder ``path`` holds files that exist only here (pending or open)."""
+        if self.journal.pending_under(path + "/"):
+            return True
+        return any(
+            self._holds_local(n.path) if n.is_dir else self._local(n.path) is not None
+            for n in self.inodes.children(path)
+        )
 
     def _note(self, path: str, attrs: Attrs | None) -> None:
         """Our own change to ``path``: show it in the cached listing at once."""

@@ -76,6 +76,7 @@ class InodeTable:
         root = Node(ROOT_INODE, "", True, lookups=1)
         self._by_inode: dict[int, Node] = {ROOT_INODE: root}
         self._by_path: dict[str, Node] = {"": root}
+        self._children: dict[str, dict[str, Node]] = {}  # folder path -> name -> node
         self._next = ROOT_INODE + 1
 
     def __len__(self) -> int:
@@ -97,8 +98,29 @@ class InodeTable:
         return self._by_path.get(path)
 
     def below(self, folder: str) -> list[Node]:
-        """Attached nodes strictly inside ``folder`` (any depth)."""
+        """Attached nodes strictly inside ``folder`` (any depth). O(nodes): for renames."""
         return [n for p, n in self._by_path.items() if is_below(p, folder)]
+
+    def children(self, folder: str) -> list[Node]:
+        """Attached nodes directly inside ``folder``."""
+        return list(self._children.get(folder, {}).values())
+
+    def _attach(self, node: Node) -> None:
+        self._by_path[node.path] = node
+        if node.path:
+            parent, name = split(node.path)
+            self._children.setdefault(parent, {})[name] = node
+
+    def _unattach(self, path: str) -> Node | None:
+        node = self._by_path.pop(path, None)
+        if node is not None and path:
+            parent, name = split(path)
+            siblings = self._children.get(parent)
+            if siblings is not None:
+                siblings.pop(name, None)
+                if not siblings:
+                    del self._children[parent]
+        return node
 
     def node_for(self, path: str, is_dir: bool) -> Node:
         """The node at ``path`` (created if new), without touching its lookup count.
@@ -114,7 +136,7 @@ class InodeTable:
             node = Node(self._next, path, is_dir)
             self._next += 1
             self._by_inode[node.inode] = node
-            self._by_path[path] = node
+            self._attach(node)
         return node
 
     def lookup(self, path: str, is_dir: bool) -> Node:
@@ -147,9 +169,11 @@ class InodeTable:
 
         Detached nodes keep their inode until forgotten and closed.
         """
-        node = self._by_path.pop(path, None)
+        node = self._unattach(path)
         victims = [node] if node is not None else []
-        victims += [self._by_path.pop(p) for p in list(self._by_path) if is_below(p, path)]
+        if node is None or node.is_dir:
+            below = [p for p in self._by_path if is_below(p, path)]
+            victims += [n for n in map(self._unattach, below) if n is not None]
         for victim in victims:
             victim.detached = True
             self._maybe_drop(victim)
@@ -163,16 +187,18 @@ class InodeTable:
         if old == new:
             return
         self.detach(new)
-        moving = [(p, n) for p, n in self._by_path.items() if p == old or is_below(p, old)]
-        for p, _ in moving:
-            del self._by_path[p]
-        for p, n in moving:
-            n.path = new + p[len(old) :]
-            self._by_path[n.path] = n
+        node = self._by_path.get(old)
+        paths = [old] if node is not None else []
+        if node is None or node.is_dir:
+            paths += [p for p in self._by_path if is_below(p, old)]
+        moving = [n for n in map(self._unattach, paths) if n is not None]
+        for n in moving:
+            n.path = new + n.path[len(old) :]
+            self._attach(n)
 
     def _maybe_drop(self, node: Node) -> None:
         if node.inode == ROOT_INODE or node.lookups > 0 or node.opens > 0:
             return
         self._by_inode.pop(node.inode, None)
         if self._by_path.get(node.path) is node:
-            del self._by_path[node.path]
+            self._unattach(node.path)
