@@ -103,15 +103,31 @@ class CmdResult:
     stderr: bytes
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def run_measured(
     argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
     stdin: int | None = subprocess.DEVNULL, check: bool = True, timeout: float = 1800,
 ) -> CmdResult:
-    """Run ``argv`` to completion; wall time, and rusage of exactly that child via wait4()."""
+    """Run ``argv`` to completion; its wall time, peak RSS and CPU seconds.
+
+    Peak RSS comes from GNU time (``%M``), which forks the command from its own small process:
+    Linux carries the RSS a process had when it was fork()ed into the ``ru_maxrss`` of what it
+    exec()s, so a command forked straight from this (large) Python process would report our
+    RSS if that is higher than its own. Without /usr/bin/time, wait4()'s rusage is used and
+    the figure is an upper bound.
+    """
     out_f = tempfile.TemporaryFile()  # noqa: SIM115 - closed below
     err_f = tempfile.TemporaryFile()  # noqa: SIM115
+    time_out = None
+    full = list(argv)
+    if os.access(GNU_TIME, os.X_OK):
+        fd, time_out = tempfile.mkstemp(prefix="bench-time-")
+        os.close(fd)
+        full = [GNU_TIME, "-f", "%M %U %S", "-o", time_out, "--", *full]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(list(argv), env=env, cwd=cwd, stdin=stdin, stdout=out_f,
+    proc = subprocess.Popen(full, env=env, cwd=cwd, stdin=stdin, stdout=out_f,
                             stderr=err_f)
     # A blocking wait4 still lets our signal handlers run (PEP 475) and raise Interrupted.
     killer = threading.Timer(timeout, proc.kill)
@@ -129,8 +145,17 @@ def run_measured(
     proc.returncode = os.waitstatus_to_exitcode(status)
     out_f.seek(0)
     err_f.seek(0)
-    res = CmdResult(list(argv), proc.returncode, wall, ru.ru_maxrss, ru.ru_utime + ru.ru_stime,
-                    out_f.read(), err_f.read())
+    maxrss, cpu = ru.ru_maxrss, ru.ru_utime + ru.ru_stime
+    if time_out is not None:
+        try:
+            fields = Path(time_out).read_text().split()
+            # GNU time writes "Command exited with non-zero status N" first on failure.
+            maxrss, cpu = int(fields[-3]), float(fields[-2]) + float(fields[-1])
+        except (OSError, ValueError, IndexError):
+            pass
+        finally:
+            os.unlink(time_out)
+    res = CmdResult(list(argv), proc.returncode, wall, maxrss, cpu, out_f.read(), err_f.read())
     out_f.close()
     err_f.close()
     if check and res.returncode != 0:
