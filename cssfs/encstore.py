@@ -87,8 +87,9 @@ SEAL_BATCH_CHUNKS = 128
 MAX_COALESCE_CHUNKS = 16
 #: Default sequential read-ahead window.
 DEFAULT_READAHEAD_BYTES = 4 * 1024 * 1024
-#: get_to: chunks per ranged GET and GETs in flight (memory ~ SEGMENT x (PARALLEL + 1)).
-GET_TO_SEGMENT_CHUNKS = 32
+#: get_to: chunks per ranged GET (4 MiB: per-request costs dominate smaller ones) and GETs in
+#: flight; memory ~ 2 x 4 MiB x (PARALLEL + 1).
+GET_TO_SEGMENT_CHUNKS = 64
 GET_TO_PARALLEL = 4
 
 PlainSource = bytes | bytearray | memoryview | BinaryIO
@@ -170,6 +171,14 @@ class HeaderInfo:
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
+
+
+@dataclass
+class _Segment:
+    """get_to: one ranged GET's worth of plaintext, ready when ``done`` is set."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytearray | None = None
 
 
 class _OpenState:
@@ -623,15 +632,7 @@ class EncryptedStore:
     ) -> None:
         """One ranged GET for chunks [first, stop), opened and put in ``out`` (and in the cache
         if ``remember``)."""
-        size = state.envelope.header.plain_size
-        start = chunk_range(first, size)[0]
-        last_off, last_len = chunk_range(stop - 1, size)
-        end = last_off + last_len
-        data = await self.store.get(state.key, start, end)
-        if len(data) != end - start:
-            err = TruncatedError(f"chunks {first}-{stop - 1}: short read ({len(data)} bytes)")
-            self._warn(state.key, state.etag, str(err))
-            raise err
+        start, data = await self._get_run(state, first, stop)
         if stop - first <= INLINE_CHUNKS:
             opened, failure = _open_run(state.envelope, first, stop, data, start)
         else:
@@ -645,6 +646,19 @@ class EncryptedStore:
         if failure is not None:
             self._warn(state.key, state.etag, str(failure))
             raise failure
+
+    async def _get_run(self, state: _OpenState, first: int, stop: int) -> tuple[int, bytes]:
+        """The ciphertext of chunks [first, stop) in one ranged GET, and where it starts."""
+        size = state.envelope.header.plain_size
+        start = chunk_range(first, size)[0]
+        last_off, last_len = chunk_range(stop - 1, size)
+        end = last_off + last_len
+        data = await self.store.get(state.key, start, end)
+        if len(data) != end - start:
+            err = TruncatedError(f"chunks {first}-{stop - 1}: short read ({len(data)} bytes)")
+            self._warn(state.key, state.etag, str(err))
+            raise err
+        return start, data
 
     def _prefetch(self, state: _OpenState, indexes: range) -> None:
         """Read ``indexes`` ahead in the background. The flights are claimed now, so the
@@ -681,31 +695,37 @@ class EncryptedStore:
             range(s, min(s + GET_TO_SEGMENT_CHUNKS, count))
             for s in range(0, count, GET_TO_SEGMENT_CHUNKS)
         ]
-        send, recv = trio.open_memory_channel[tuple[range, _Flight]](GET_TO_PARALLEL - 1)
+        send, recv = trio.open_memory_channel[_Segment](GET_TO_PARALLEL - 1)
         update = getattr(progress, "update", None)
         written = 0
 
-        async def fetch_segment(seg: range, flight: _Flight) -> None:
-            got: dict[int, bytes] = {}
-            await self._fetch_run(state, seg.start, seg.stop, got, remember=False)
-            flight.data = b"".join(got[i] for i in seg)
-            flight.done.set()
+        async def fetch_segment(seg: range, out: _Segment) -> None:
+            start, data = await self._get_run(state, seg.start, seg.stop)
+            try:
+                out.data = await trio.to_thread.run_sync(
+                    _open_run_into, state.envelope, seg.start, seg.stop, data, start,
+                    limiter=self.cpu_limiter,
+                )
+            except PayloadError as exc:
+                self._warn(state.key, state.etag, str(exc))
+                raise
+            out.done.set()
 
         async def produce(nursery: trio.Nursery) -> None:
             async with send:
                 for seg in segments:
-                    flight = _Flight()
-                    await send.send((seg, flight))
-                    nursery.start_soon(fetch_segment, seg, flight)
+                    out = _Segment()
+                    await send.send(out)
+                    nursery.start_soon(fetch_segment, seg, out)
 
         async with _nursery() as nursery:
             nursery.start_soon(produce, nursery)
             async with recv:
-                async for _seg, flight in recv:
-                    await flight.done.wait()
-                    data = flight.data
+                async for segment in recv:
+                    await segment.done.wait()
+                    data = segment.data
                     assert data is not None
-                    flight.data = None
+                    segment.data = None
                     if data:
                         await trio.to_thread.run_sync(dst.write, data)
                     written += len(data)
@@ -954,6 +974,25 @@ def _open_run(
         except PayloadError as exc:
             return good, exc
     return good, None
+
+
+def _open_run_into(
+    envelope: OpenedEnvelope, first: int, stop: int, data: bytes, base: int
+) -> bytearray:
+    """The plaintext of chunks [first, stop) from ``data`` (which starts at envelope offset
+    ``base``), decrypted into one buffer; the first chunk that does not verify raises (and the
+    buffer, which holds nothing unverified, is dropped)."""
+    size = envelope.header.plain_size
+    plain_start = first * CHUNK_SIZE
+    plain_end = min(stop * CHUNK_SIZE, size)
+    out = bytearray(plain_end - plain_start)
+    with memoryview(data) as src, memoryview(out) as dst:
+        for i in range(first, stop):
+            off, length = chunk_range(i, size)
+            p = i * CHUNK_SIZE - plain_start
+            with src[off - base : off - base + length] as ct, dst[p : p + length - TAG_SIZE] as pt:
+                envelope.open_chunk_into(i, ct, pt)
+    return out
 
 
 class EncryptedFile:
