@@ -140,12 +140,34 @@ def _fuse_options(values: list[str]) -> tuple[str, ...]:
     return tuple(o.strip() for v in values for o in v.split(",") if o.strip())
 
 
+def is_mounted(path: str) -> bool:
+    """Whether ``path`` is in the mount table -- also a dead FUSE mount, which os.path.ismount
+    cannot stat ("Transport endpoint is not connected")."""
+    target = os.path.abspath(path)
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return os.path.ismount(target)
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) > 1 and _unescape(fields[1]) == target:
+            return True
+    return False
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _mount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
+    if is_mounted(mountpoint):
+        raise CliError(f"{mountpoint} is already a mount point (a dead cssfs mount is removed "
+                       "with `cssfs umount`)", ExitCode.MOUNT)
     if not os.path.isdir(mountpoint):
         raise CliError(f"mount point {mountpoint} is not a folder", ExitCode.MOUNT)
-    if os.path.ismount(mountpoint):
-        raise CliError(f"{mountpoint} is already a mount point", ExitCode.MOUNT)
     if shutil.which("fusermount3") is None:
         raise CliError("fusermount3 not found: install fuse3", ExitCode.MOUNT)
     if args.foreground:
@@ -370,7 +392,7 @@ def _umount(args: argparse.Namespace) -> int:
     try:
         pid = int(service.request(_control(mountpoint), "sync", timeout=None)["pid"])
     except service.ControlError as exc:
-        if not os.path.ismount(mountpoint):
+        if not is_mounted(mountpoint):
             raise CliError(f"{mountpoint} is not mounted", ExitCode.MOUNT) from None
         print(f"cssfs: warning: {exc}; unmounting without waiting for uploads", file=sys.stderr)
     command = ["fusermount3", "-u", *(["-z"] if args.lazy else []), mountpoint]

@@ -454,3 +454,20 @@ def test_one_daemon_per_store_and_journal(env: Env, tmp_path: Path) -> None:
         assert "already mounted by another cssfs daemon" in second.stderr
         assert second.stderr.count("\n") == 1
         assert not os.path.ismount(tmp_path / "mnt2")
+
+
+def test_read_only_mount(env: Env, mnt: Mount, tmp_path: Path) -> None:
+    mnt.path("ro-visible.txt").write_bytes(b"written before")
+    mnt.sync()
+    with mounted(os.fspath(env.store), tmp_path / "ro", env.identity_path,
+                 args=["--read-only"]) as ro:
+        assert ro.path("ro-visible.txt").read_bytes() == b"written before"
+        with pytest.raises(OSError) as err:
+            ro.path("new.txt").write_bytes(b"x")
+        assert err.value.errno == errno.EROFS
+        with pytest.raises(OSError) as err:
+            ro.path("sub").mkdir()
+        assert err.value.errno == errno.EROFS
+        options = next(line.split()[3] for line in Path("/proc/self/mounts").read_text()
+                       .splitlines() if line.split()[1] == os.fspath(ro.mountpoint))
+        assert "ro" in options.split(",")
