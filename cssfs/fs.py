@@ -105,8 +105,9 @@ class Reader(Protocol):
 
 #: Makes the staged contents of a file opened for writing, over a base (None: empty).
 StageFactory = Callable[[Reader | None], Awaitable[StagedFile]]
-#: Rewrites the header of a stored envelope with a new mtime/mode (mount.reseal_attrs).
-Resealer = Callable[[str, "int | None", "int | None"], Awaitable[None]]
+#: Rewrites the header of a stored envelope with a new mtime/mode (mount.reseal_attrs);
+#: the new version's info.
+Resealer = Callable[[str, "int | None", "int | None"], Awaitable[ObjectInfo]]
 
 
 # -- what the file system knows about one name ----------------------------------------------------
@@ -389,7 +390,7 @@ class Operations(pyfuse3.Operations):
         async def one(key: str, etag: str) -> None:
             try:
                 await self._header_meta(key, etag)
-            except CssfsError as exc:
+            except Exception as exc:  # background work: the stat that needs it will report
                 log.debug("header prefetch %s: %s", key, exc)
 
         async with trio.open_nursery() as nursery:
@@ -435,7 +436,7 @@ class Operations(pyfuse3.Operations):
 
     def _open_file(self, path: str) -> FileState | None:
         node = self.inodes.at(path)
-        if node is not None and isinstance(node.state, FileState) and node.state.staged:
+        if node is not None and isinstance(node.state, FileState) and node.state.staged is not None:
             return node.state
         return None
 
@@ -1073,15 +1074,19 @@ class Operations(pyfuse3.Operations):
         """mtime/mode of a closed file: the journal's pending version, else the stored header."""
         if await self.journal.set_attrs(path, mtime_ns=mtime_ns, mode=mode):
             return
-        if attrs.etag is None or self.reseal is None:
-            raise FUSEError(errno.EROFS if self.reseal is None else errno.ENOENT)
-        await self.reseal(path, mtime_ns, mode)
-        new = replace(attrs, exact=True, etag=None)
+        if self.reseal is None:
+            raise FUSEError(errno.EROFS)
+        info = await self.reseal(path, mtime_ns, mode)
+        new = replace(attrs, exact=True, etag=info.etag, cipher_size=info.size)
         if mtime_ns is not None:
             new.mtime_ns = mtime_ns
         if mode is not None:
             new.mode = mode
+        self._remember(path, info.etag, (new.mtime_ns, new.mode))
         self._note(path, new)
+        state = self._open_file(path)
+        if state is not None:
+            state.base_etag = info.etag  # the open file's next commit replaces this version
 
     # -- extended attributes (read-only) --------------------------------------------------------
 

@@ -54,6 +54,7 @@ from cssfs.keys import Identity, Recipient, writer_fingerprint
 from cssfs.policy import Trust
 from cssfs.sharing import Sharing
 from cssfs.staging import StagedFile, StagingBudget
+from cssfs.store.base import ObjectInfo
 from cssfs.store.url import open_store
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def _plain(value: Any) -> Any:
 
 async def reseal_attrs(
     encstore: EncryptedStore, key: str, mtime_ns: int | None, mode: int | None
-) -> None:
+) -> ObjectInfo:
     """Give the stored envelope ``key`` a new mtime/mode by rewriting its 4 KiB header.
 
     mtime and mode are under the header MAC, not the writer's signature, so any recipient may
@@ -208,8 +209,9 @@ async def reseal_attrs(
     head = await encstore.store.get(key, 0, HEADER_SIZE)
     opened = open_header(head, encstore.identity, binding=encstore.binding_for(key))
     new_head = opened.reseal(mtime_ns=mtime_ns, mode=None if mode is None else mode & 0o7777)
-    await encstore.store.replace_head(key, new_head, HEADER_SIZE, if_match=info.etag)
+    result = await encstore.store.replace_head(key, new_head, HEADER_SIZE, if_match=info.etag)
     encstore.forget(key)
+    return result
 
 
 # -- the control socket -------------------------------------------------------------------------
@@ -385,8 +387,8 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
         async def new_staged(base: Reader | None) -> StagedFile:
             return StagedFile(budget, base)
 
-        async def reseal(key: str, mtime_ns: int | None, mode: int | None) -> None:
-            await reseal_attrs(encstore, key, mtime_ns, mode)
+        async def reseal(key: str, mtime_ns: int | None, mode: int | None) -> ObjectInfo:
+            return await reseal_attrs(encstore, key, mtime_ns, mode)
 
         def name_writer(ed25519: bytes) -> str:
             """A writer as user.cssfs.writer shows it: a contact's name, else a fingerprint."""

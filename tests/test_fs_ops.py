@@ -214,8 +214,8 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
         async def new_staged(base: Any) -> Any:
             return StagedFile(budget, base)
 
-        async def reseal(key: str, mtime_ns: int | None, mode: int | None) -> None:
-            await reseal_attrs(encstore, key, mtime_ns, mode)
+        async def reseal(key: str, mtime_ns: int | None, mode: int | None) -> Any:
+            return await reseal_attrs(encstore, key, mtime_ns, mode)
 
         ops = Operations(encstore, journal, new_staged, reseal=reseal, list_ttl=2.0,
                          nursery=nursery, strict=True)
@@ -270,6 +270,23 @@ async def test_mode_and_mtime_survive_upload(env: FS) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o640
     assert st.st_mtime_ns == 42_000_000_000
     assert await env.read_file("m") == b"abc"
+
+
+async def test_times_of_a_stored_file_then_read_and_rewrite(env: FS) -> None:
+    data = pattern(5000)
+    await env.write_file("s", data)
+    await env.journal.flush()
+    await env.setattr("s", mtime_ns=7_000_000_000)  # not pending: the stored header is resealed
+    assert (await env.stat("s")).st_mtime_ns == 7_000_000_000
+    assert await env.read_file("s") == data
+    fh = await env.open("s", os.O_RDWR)
+    await env.setattr("s", fh=fh, mtime_ns=8_000_000_000)  # open but clean: resealed too
+    await env.ops.write(fh, 0, b"Z")
+    await env.close(fh)
+    await env.journal.flush()  # replaces the resealed version: no conflict copy
+    env.ops.listings.invalidate("")
+    assert sorted(await env.listdir("")) == ["s"]
+    assert await env.read_file("s") == b"Z" + data[1:]
 
 
 async def test_overwrite_partially(env: FS) -> None:
