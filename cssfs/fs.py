@@ -786,18 +786,28 @@ class Operations(pyfuse3.Operations):
             existing = await self._attrs(path, exact=False)
             if existing is not None and existing.is_dir:
                 raise FUSEError(errno.EISDIR)
-            if existing is not None and existing.kind == "foreign":
+            if existing is not None and (existing.kind == "foreign" or flags & os.O_EXCL):
                 raise FUSEError(errno.EEXIST)
             node = self.inodes.lookup(path, False)
             state = self._state(node)
-            if state.staged is None:
+            if existing is not None:
+                # The kernel did not know it yet (another client made it within the TTL):
+                # O_CREAT without O_EXCL opens the existing file, O_TRUNC empties it.
+                truncate = bool(flags & os.O_TRUNC)
+                if state.staged is None:
+                    await self._stage(node, existing, truncate=truncate)
+                elif truncate:
+                    assert state.staged is not None
+                    await state.staged.truncate(0)
+                    state.dirty = True
+                    state.mtime_ns = _now_ns()
+            else:
                 state.staged = await self.new_staged(None)
                 state.mode = (mode & 0o7777) or FILE_MODE
-                state.base_etag = existing.etag if existing is not None else None
-            else:  # created again while still open here: O_CREAT without O_EXCL opens it
-                await state.staged.truncate(0)
-            state.dirty = True
-            state.mtime_ns = _now_ns()
+                state.base_etag = None
+                state.dirty = True  # a new file is written even if it stays empty
+                state.mtime_ns = _now_ns()
+            assert state.staged is not None
             state.writers += 1
             self.inodes.opened(node)
             attrs = Attrs("file", state.staged.size, state.mtime_ns, state.mode)

@@ -289,6 +289,23 @@ async def test_times_of_a_stored_file_then_read_and_rewrite(env: FS) -> None:
     assert await env.read_file("s") == b"Z" + data[1:]
 
 
+async def test_create_over_a_name_the_kernel_did_not_know(env: FS) -> None:
+    await env.write_file("c", b"0123456789")
+    await env.journal.flush()
+    parent, name = await env.parent("c")
+    with pytest.raises(FUSEError) as err:
+        await env.ops.create(parent, name, 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, CTX)
+    assert err.value.errno == errno.EEXIST
+    info, _ = await env.ops.create(parent, name, 0o644, os.O_WRONLY | os.O_CREAT, CTX)
+    await env.ops.write(info.fh, 0, b"ab")  # O_CREAT alone opens it: the rest stays
+    await env.close(info.fh)
+    assert await env.read_file("c") == b"ab23456789"
+    info, _ = await env.ops.create(parent, name, 0o644, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                                   CTX)
+    await env.close(info.fh)
+    assert await env.read_file("c") == b""
+
+
 async def test_overwrite_partially(env: FS) -> None:
     data = pattern(3 * CS + 5)
     await env.write_file("p", data)
