@@ -841,20 +841,12 @@ class Operations(pyfuse3.Operations):
         async with state.lock:
             if not state.dirty or state.staged is None or node.detached:
                 return
-            for _ in range(3):
-                landed = self._landed.get(node.path)
-                base_etag = state.base_etag
-                info = await self.journal.commit(
-                    node.path, state.staged, mtime_ns=state.mtime_ns, mode=state.mode,
-                    base_etag=base_etag,
-                )
-                now = self._landed.get(node.path)
-                if now is None or now == landed or now[1] == base_etag:
-                    break
-                # Our previous version landed while this one was being sealed, so the journal
-                # did not know this upload may replace it (it would keep both, as for another
-                # writer's change). Commit again naming it: the first commit is superseded.
-                state.base_etag = now[1]
+            # A previous version of ours that lands while this one is sealed is fine: the
+            # journal remembers what it landed last and lets this upload replace it.
+            info = await self.journal.commit(
+                node.path, state.staged, mtime_ns=state.mtime_ns, mode=state.mode,
+                base_etag=state.base_etag,
+            )
             state.dirty = False
             self._note(node.path, self._pending_attrs(info))
 

@@ -26,7 +26,7 @@ from cssfs.encstore import EncryptedStore
 from cssfs.envelope import CHUNK_SIZE as CS
 from cssfs.fs import Operations
 from cssfs.inodes import ROOT_INODE
-from cssfs.journal import Journal
+from cssfs.journal import DEFAULT_SETTLE_S, Journal
 from cssfs.keys import Identity
 from cssfs.mount import reseal_attrs
 from cssfs.staging import StagedFile, StagingBudget
@@ -192,10 +192,14 @@ def _readdir_reply(token: _Token, name: bytes, attr: pyfuse3.EntryAttributes, ne
     return True
 
 
-@pytest.fixture(params=["memory", "local"])
+# "racing": uploads start the moment a file is committed (no settle delay), so they land while
+# the next operation on the same file runs; the others keep the default delay, so the pending
+# (journal) paths are taken.
+@pytest.fixture(params=["memory", "memory-racing", "local"])
 async def env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(fsmod.pyfuse3, "readdir_reply", _readdir_reply)
-    if request.param == "memory":
+    settle_s = 0.0 if request.param.endswith("racing") else DEFAULT_SETTLE_S
+    if request.param.startswith("memory"):
         store: Any = MemoryStore()
     else:
         (tmp_path / "bucket").mkdir()
@@ -206,7 +210,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
     async with trio.open_nursery() as nursery:
         encstore = EncryptedStore(store, identity, cache=ChunkCache(8 * 1024 * 1024),
                                   nursery=nursery)
-        journal = Journal(state, encstore, settle_s=float(os.environ.get("T_SETTLE", "0.5")))
+        journal = Journal(state, encstore, settle_s=settle_s)
         await journal.replay()
         nursery.start_soon(journal.run)
         budget = StagingBudget(state, max_bytes=4 * CS)
