@@ -294,7 +294,7 @@ async def _watch_signals(daemon: Daemon, nursery: trio.Nursery) -> None:
                 if daemon.serving:
                     nursery.start_soon(_flush_then_terminate, daemon)
                 continue
-            log.warning("signal %d again: stopping now; pending uploads stay in the journal "
+            log.warning("second signal (%d): stopping now; pending uploads stay in the journal "
                         "and resume at the next mount", signum)
             daemon.abandon()
             if daemon.serving:

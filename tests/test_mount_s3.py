@@ -195,3 +195,41 @@ def test_not_for_us_and_tampered(world: World, mnt: Mount) -> None:
     with open(mnt.path("bad/tampered"), "rb") as f:
         assert f.read(CHUNK_SIZE) == src.read_bytes()[:CHUNK_SIZE]
     assert "bad/tampered" in mnt.stderr()
+
+
+def test_store_outage_loses_no_closed_file(world: World, fault_proxy: Any, tmp_path: Path
+                                           ) -> None:
+    """Closing works while the store is down (the journal holds the file); sync says it
+    failed; a stop that gives up waiting keeps the file journaled; the next mount uploads it."""
+    import signal
+
+    bucket = f"t-outage-{uuid.uuid4().hex[:8]}"
+    world.s3.create_bucket(Bucket=bucket)
+    args = ["--endpoint-url", fault_proxy.endpoint_url, "--path-style", "--list-ttl", "600"]
+    state = tmp_path / "state"
+    with mounted(f"s3://{bucket}", tmp_path / "mnt", world.identity_path, args=args,
+                 state_home=state) as m:
+        m.allow(r"WARNING|ERROR|retry|unreachable|failing|journal")
+        m.path("before").write_bytes(b"uploaded before the outage")
+        m.sync()
+        assert sorted(os.listdir(m.mountpoint)) == ["before"]  # the listing is cached now
+        with fault_proxy.outage():
+            m.path("during").write_bytes(b"closed while the store was down")
+            assert m.path("during").read_bytes() == b"closed while the store was down"
+            failed = m.run_cli("sync", os.fspath(m.mountpoint))
+            assert failed.returncode == 50, failed.stderr
+            assert failed.stderr.count("\n") == 1
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGTERM)  # upload first...
+            m.proc.send_signal(signal.SIGINT)  # ...no: stop now, keep it journaled
+            assert m.proc.wait(60) == 0
+            m.proc = None
+            assert "stay in the journal" in m.stderr()
+        keys = {o["Key"] for o in world.s3.list_objects_v2(Bucket=bucket).get("Contents", ())}
+        assert keys == {"before"}
+        m.kill()  # the dead mount's leftovers, if the daemon could not unmount
+        m.start()  # replays the journal
+        assert m.path("during").read_bytes() == b"closed while the store was down"
+        m.sync()
+    body = world.s3.get_object(Bucket=bucket, Key="during")["Body"].read()
+    assert b"closed while the store was down" not in body
