@@ -86,6 +86,8 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     if cfg.read_only:
         options.add("ro")
     options.update(o for o in cfg.options if o)
+    if os.environ.get("FUSEDEBUG") == "1":  # libfuse's request trace on stderr (debugging)
+        options.add("debug")
     return options
 
 
