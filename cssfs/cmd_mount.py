@@ -388,19 +388,29 @@ def _control(mountpoint: str) -> Path:
 
 def _umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
+    control = _control(mountpoint)
     pid: int | None = None
+    wait = True
     try:
-        pid = int(service.request(_control(mountpoint), "sync", timeout=None)["pid"])
+        pid = int(service.request(control, "ping")["pid"])
     except service.ControlError as exc:
         if not is_mounted(mountpoint):
             raise CliError(f"{mountpoint} is not mounted", ExitCode.MOUNT) from None
         print(f"cssfs: warning: {exc}; unmounting without waiting for uploads", file=sys.stderr)
+    if pid is not None:
+        try:
+            service.request(control, "sync", timeout=None)
+        except service.ControlError as exc:
+            # The files are safe in the journal; the daemon keeps trying after the unmount.
+            print(f"cssfs: warning: uploads are failing ({exc}); the daemon (pid {pid}) keeps "
+                  "retrying after the unmount: see `cssfs status`", file=sys.stderr)
+            wait = False
     command = ["fusermount3", "-u", *(["-z"] if args.lazy else []), mountpoint]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         detail = " ".join(result.stderr.split()) or f"fusermount3 exited {result.returncode}"
         raise CliError(f"could not unmount {mountpoint}: {detail}", ExitCode.MOUNT)
-    if pid is not None and not _wait_exit(pid, EXIT_TIMEOUT):
+    if pid is not None and wait and not _wait_exit(pid, EXIT_TIMEOUT):
         raise CliError(f"unmounted, but the daemon (pid {pid}) is still uploading; "
                        f"`cssfs status` shows its progress", ExitCode.MOUNT)
     return 0
