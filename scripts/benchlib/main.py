@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchlib.context import Ctx
 from benchlib.report import Report, environment
-from benchlib.runner import BenchError, Cleanup, Interrupted, log
+from benchlib.runner import BenchError, Cleanup, Interrupted, interrupt_reason, log
 
 SUITES = ("crypto", "store", "mount", "rclone", "share")
 # `all`: the rclone suite runs every mount-suite workload on cssfs too (plus rsync), with the
@@ -98,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                     status = 1
                 log(f"suite {name}: done in {time.monotonic() - t_suite:.0f}s")
         except (Interrupted, KeyboardInterrupt) as exc:
-            report.error(f"interrupted ({exc}); partial results")
+            why = "; ".join(interrupt_reason) or str(exc)
+            report.error(f"interrupted ({why}); partial results")
             status = 130
         except Exception as exc:  # a bug in the harness: still report what was measured
             traceback.print_exc()
-            report.error(f"harness error: {exc!r}")
+            report.error(f"harness error: {exc!r}"
+                         + (f" (after: {'; '.join(interrupt_reason)})" if interrupt_reason else ""))
             status = 2
         finally:
             log("cleaning up")

@@ -20,7 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib.runner import BenchError, Cleanup, ProcSample, log, proc_sample, stop_process
+from benchlib.runner import (
+    BenchError,
+    Cleanup,
+    ProcSample,
+    aborting,
+    log,
+    proc_sample,
+    stop_process,
+)
 
 
 def is_mounted(path: Path) -> bool:
@@ -118,11 +126,13 @@ class Mount:
         try:
             clean = is_mounted(self.mountpoint) and fusermount_u(self.mountpoint)
             if clean:
-                # A clean unmount: the daemon finishes its work (cssfs flushes) and exits.
+                # A clean unmount: the daemon finishes its work (cssfs flushes) and exits --
+                # unless the run is being aborted (the server may be gone): then briefly.
+                wait_s = 15 if aborting else 300
                 try:
-                    self.proc.wait(300)
+                    self.proc.wait(wait_s)
                 except subprocess.TimeoutExpired:
-                    log(f"{self.name} did not exit within 300 s of its unmount")
+                    log(f"{self.name} did not exit within {wait_s} s of its unmount")
             if self.proc.poll() is None or is_mounted(self.mountpoint):
                 # Not mounted yet (interrupted while starting), busy, or hung.
                 if is_mounted(self.mountpoint):

@@ -35,6 +35,19 @@ class Interrupted(BaseException):
     """Raised from a signal handler so that try/finally blocks unwind."""
 
 
+# Why the bench interrupted itself (a watchdog sets it before signalling its own process).
+interrupt_reason: list[str] = []
+# Set once a stop signal arrived: cleanups then wait briefly instead of for a clean finish.
+aborting: list[bool] = []
+
+
+def abort_self(reason: str) -> None:
+    """From any thread: stop the run the way Ctrl-C would, with ``reason`` in the report."""
+    interrupt_reason.append(reason)
+    log(f"aborting: {reason}")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 class BenchError(Exception):
     """A workload failed its own check (wrong bytes, missing object, a command failed)."""
 
@@ -59,6 +72,7 @@ class Cleanup:
         # Ignore further signals while unwinding; the cleanup below must finish.
         for sig in self._old:
             signal.signal(sig, signal.SIG_IGN)
+        aborting.append(True)
         raise Interrupted(f"signal {signal.Signals(signum).name}")
 
     def push(self, what: str, fn: Callable[[], None]) -> Callable[[], None]:

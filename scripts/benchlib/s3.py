@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchlib.runner import BenchError, Cleanup, log, stop_process
+from benchlib.runner import BenchError, Cleanup, abort_self, log, stop_process
 
 ACCESS_KEY = "bench"  # dummy credentials: the server is a local moto
 SECRET_KEY = "bench-secret"
@@ -45,7 +45,8 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 
 class S3Server:
-    """``python -m tests.support.s3server`` as a child; first stdout line is the endpoint."""
+    """``python -m benchlib.s3bench`` (tests/support/s3server.py + streamed large ranges) as a
+    child; its first stdout line is the endpoint."""
 
     def __init__(self, repo: Path, cleanup: Cleanup, tmpdir: Path | None = None) -> None:
         self.repo = repo
@@ -54,7 +55,7 @@ class S3Server:
         if not (repo / "tests" / "support" / "s3server.py").exists():
             raise BenchError("tests/support/s3server.py is missing: no O(range) S3 server to use")
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(repo)
+        env["PYTHONPATH"] = os.pathsep.join([str(repo), str(repo / "scripts")])
         if tmpdir is not None:
             # moto spools objects over 5 MiB to temp files; on tmpfs, dropping the kernel's
             # caches for a cold read leaves the stand-in for S3 as fast as before, as a
@@ -62,22 +63,37 @@ class S3Server:
             tmpdir.mkdir(parents=True, exist_ok=True)
             env["TMPDIR"] = str(tmpdir)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.s3server", "--port", "0"], cwd=repo, env=env,
+            [sys.executable, "-m", "benchlib.s3bench", "--port", "0"], cwd=repo, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )
         proc = self.proc
-        cleanup.push("s3 server", lambda: stop_process(proc))
+        self._stopping = False
+
+        def stop() -> None:
+            self._stopping = True
+            stop_process(proc)
+
+        cleanup.push("s3 server", stop)
         assert proc.stdout is not None
         line = proc.stdout.readline().decode().strip()
         if not line.startswith("http://127.0.0.1:"):
             raise BenchError(f"s3server did not print its endpoint (got {line!r})")
         self.endpoint = line
-        log(f"S3 server (moto, O(range) GETs) at {line}, pid {proc.pid}")
+        threading.Thread(target=self._watch, name="s3-watchdog", daemon=True).start()
+        log(f"S3 server (moto, O(range) GETs, large ranges streamed) at {line}, pid {proc.pid}")
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def _watch(self) -> None:
+        """If the server dies under us (OOM killer...), stop the run instead of letting the
+        daemons retry against nothing."""
+        assert self.proc is not None
+        code = self.proc.wait()
+        if not self._stopping:
+            abort_self(f"the S3 server (pid {self.proc.pid}) exited with {code} during the run")
 
 
 def client(endpoint: str, *, max_pool: int = 16) -> Any:

@@ -172,7 +172,7 @@ class FsSuite:
                     self.rep.error(f"{s.label}, run {i + 1}: {exc}")
                 finally:
                     s.stop()
-                    self.forget_big(s)
+                self.forget_big(s)
 
         for s in systems:
             log(f"{self.sz.list_count}-file folder: {s.label}")
