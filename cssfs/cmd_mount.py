@@ -85,6 +85,9 @@ def register(commands: Subparsers) -> None:
                    default=DEFAULT_LIST_TTL,
                    help="how long a folder listing is reused; other clients' changes show "
                    f"after at most this long (default {DEFAULT_LIST_TTL:g})")
+    p.add_argument("--trusted-writers-only", action="store_true",
+                   help="refuse to open files (EACCES) whose writer is not you or one of your "
+                   "contacts; the contacts book is re-read when it changes")
     _store_options(p)
     p.set_defaults(func=_mount)
 
@@ -193,6 +196,7 @@ def _mount_foreground(args: argparse.Namespace, mountpoint: str) -> int:
             list_ttl=args.list_ttl,
             recipients=recipients,
             store_options=_store_kwargs(args),
+            trusted_writers_only=args.trusted_writers_only,
         )
         try:
             trio.run(mount.serve, cfg, identity)
@@ -295,6 +299,8 @@ def _mount_detached(args: argparse.Namespace, mountpoint: str) -> int:
              "--list-ttl", repr(args.list_ttl)]
     if args.read_only:
         argv.append("--read-only")
+    if args.trusted_writers_only:
+        argv.append("--trusted-writers-only")
     for option in _fuse_options(args.options):
         argv += ["-o", option]
     for r in args.recipients:

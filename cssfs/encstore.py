@@ -892,6 +892,33 @@ class EncryptedStore:
 
         await trio.to_thread.run_sync(work)
 
+    async def set_attrs(
+        self, key: str, *, mtime_ns: int | None = None, mode: int | None = None
+    ) -> ObjectInfo:
+        """Give the stored envelope ``key`` a new mtime and/or mode by rewriting its 4 KiB
+        header (``store.replace_head``, conditional on the version read: PreconditionFailedError
+        if another client changed it meanwhile). mtime and mode are under the header MAC, not
+        the writer's signature, so any recipient (a group member too) may change them and the
+        writer stays who wrote the file; the payload is not re-uploaded."""
+        info = await self.store.head(key)
+        head = await self.store.get(key, 0, HEADER_SIZE)
+        try:
+            opened = self._open_header(head, self.binding_for(key))
+        except (FormatError, HeaderAuthError, SignatureError) as exc:
+            self._warn(key, info.etag, str(exc))
+            raise
+        new_head = opened.reseal(mtime_ns=mtime_ns, mode=None if mode is None else mode & 0o7777)
+        result = await self.store.replace_head(key, new_head, HEADER_SIZE, if_match=info.etag)
+        self.forget(key)
+        return result
+
+    def set_identities(self, identities: Sequence[Identity]) -> None:
+        """Open headers with ``identities`` (group keys) besides our own from now on (a mount
+        that was given a group key, or saw one rotate, while running). Header facts cached as
+        "not for us" are dropped; files that opened before keep opening."""
+        self.identities = (self.identity, *identities)
+        self._headers.drop_where(lambda k: True)
+
     # -- deleting and renaming -------------------------------------------------------------
 
     async def delete(self, key: str) -> None:

@@ -66,6 +66,7 @@ from cssfs.errors import (
     NoSuchObjectError,
     PayloadError,
     SignatureError,
+    UntrustedWriterError,
 )
 from cssfs.inodes import ROOT_INODE, InodeTable, Node, join, split
 from cssfs.journal import Journal, PendingFile, PendingInfo, Uploaded
@@ -105,9 +106,9 @@ class Reader(Protocol):
 
 #: Makes the staged contents of a file opened for writing, over a base (None: empty).
 StageFactory = Callable[[Reader | None], Awaitable[StagedFile]]
-#: Rewrites the header of a stored envelope with a new mtime/mode (mount.reseal_attrs);
-#: the new version's info.
-Resealer = Callable[[str, "int | None", "int | None"], Awaitable[ObjectInfo]]
+#: Loads key material that may have appeared since (group keys given to us, rotated group
+#: keys): True if something changed, so a refused open is worth trying again.
+KeyRefresher = Callable[[], Awaitable[bool]]
 
 
 # -- what the file system knows about one name ----------------------------------------------------
@@ -228,8 +229,10 @@ class Operations(pyfuse3.Operations):
         journal: Journal,
         new_staged: StageFactory,
         *,
-        reseal: Resealer | None = None,
         name_writer: Callable[[bytes], str] | None = None,
+        is_trusted: Callable[[bytes], bool] | None = None,
+        check_writer: Callable[[bytes], None] | None = None,
+        refresh_keys: KeyRefresher | None = None,
         list_ttl: float = 2.0,
         attr_timeout: float = 1.0,
         read_only: bool = False,
@@ -242,8 +245,10 @@ class Operations(pyfuse3.Operations):
         self.encstore = encstore
         self.journal = journal
         self.new_staged = new_staged
-        self.reseal = reseal
         self.name_writer = name_writer
+        self.is_trusted = is_trusted  # writer ed25519 -> you or a contact (xattr signature)
+        self.check_writer = check_writer  # --trusted-writers-only: UntrustedWriterError
+        self.refresh_keys = refresh_keys
         self.attr_timeout = attr_timeout
         self.read_only = read_only
         self.failsafe = False
@@ -274,7 +279,7 @@ class Operations(pyfuse3.Operations):
         if isinstance(exc, NoSuchObjectError):
             log.debug("%s: %s", op, exc)
             return FUSEError(errno.ENOENT)
-        if isinstance(exc, NoIdentityMatchError):
+        if isinstance(exc, (NoIdentityMatchError, UntrustedWriterError)):
             return FUSEError(errno.EACCES)
         if isinstance(exc, (FormatError, HeaderAuthError, SignatureError, PayloadError)):
             log.debug("%s: %s", op, exc)  # the layer below logged the object once
@@ -697,10 +702,10 @@ class Operations(pyfuse3.Operations):
             node.state = FileState()
         return node.state
 
-    def _refuse(self, path: str, why: str) -> None:
+    def _refuse(self, path: str, why: str, level: int = logging.INFO) -> None:
         if path not in self._refused:
             self._refused.add(path)
-            log.info("object %s %s; not opening it", path, why)
+            log.log(level, "object %s %s; not opening it", path, why)
 
     async def _reader(self, path: str, attrs: Attrs) -> Reader | None:
         """Where the current contents of ``path`` can be read (None: an empty new file)."""
@@ -712,11 +717,27 @@ class Operations(pyfuse3.Operations):
             return pending
         if attrs.etag is None:
             return None
-        try:
-            return await self.encstore.open(path, etag=attrs.etag, cipher_size=attrs.cipher_size)
-        except NoIdentityMatchError:
-            self._refuse(path, "is not encrypted for this identity")
-            raise
+        retry = self.refresh_keys is not None
+        while True:
+            try:
+                reader = await self.encstore.open(path, etag=attrs.etag,
+                                                  cipher_size=attrs.cipher_size)
+                break
+            except NoIdentityMatchError:
+                # Perhaps for a group key we were given (or that rotated) since we loaded ours.
+                if retry and self.refresh_keys is not None and await self.refresh_keys():
+                    retry = False
+                    continue
+                self._refuse(path, "is not encrypted for this identity")
+                raise
+        if self.check_writer is not None:
+            try:
+                self.check_writer(reader.info.writer)
+            except UntrustedWriterError as exc:
+                await _close(reader)
+                self._refuse(path, f"was written by someone untrusted ({exc})", logging.WARNING)
+                raise
+        return reader
 
     async def _stage(self, node: Node, attrs: Attrs, *, truncate: bool = False) -> FileState:
         """Make sure ``node`` has staged contents: copy-on-write over what is there now, or
@@ -1076,9 +1097,7 @@ class Operations(pyfuse3.Operations):
         """mtime/mode of a closed file: the journal's pending version, else the stored header."""
         if await self.journal.set_attrs(path, mtime_ns=mtime_ns, mode=mode):
             return
-        if self.reseal is None:
-            raise FUSEError(errno.EROFS)
-        info = await self.reseal(path, mtime_ns, mode)
+        info = await self.encstore.set_attrs(path, mtime_ns=mtime_ns, mode=mode)
         new = replace(attrs, exact=True, etag=info.etag, cipher_size=info.size)
         if mtime_ns is not None:
             new.mtime_ns = mtime_ns
@@ -1092,12 +1111,14 @@ class Operations(pyfuse3.Operations):
 
     # -- extended attributes (read-only) --------------------------------------------------------
 
-    def _own_xattrs(self) -> dict[bytes, bytes]:
-        """Extended attributes of a file written here and not uploaded yet."""
+    async def _own_xattrs(self, path: str) -> dict[bytes, bytes]:
+        """Extended attributes of a file written here and not uploaded yet: we write it, for
+        the recipients its folder's policy gives (what its envelope is sealed for)."""
         own = self.encstore.identity.recipient
-        ids = [own.key_id, *(r.key_id for r in self.encstore.recipients)]
+        ids = [own.key_id, *(r.key_id for r in await self.encstore.recipients_of(path))]
+        writer = self.name_writer(own.ed25519) if self.name_writer and own.ed25519 else None
         return {
-            XATTR_WRITER: own.fingerprint.encode(),
+            XATTR_WRITER: (writer or own.fingerprint).encode(),
             XATTR_RECIPIENTS: ",".join(dict.fromkeys(i.hex() for i in ids)).encode(),
             XATTR_SIGNATURE: b"valid",
         }
@@ -1106,7 +1127,7 @@ class Operations(pyfuse3.Operations):
         if node.is_dir or node.detached:
             return {}
         if self._local(node.path) is not None:
-            return self._own_xattrs()
+            return await self._own_xattrs(node.path)
         attrs = await self._attrs(node.path, exact=False)
         if attrs is None or attrs.kind != "file" or attrs.etag is None:
             return {}
@@ -1115,10 +1136,14 @@ class Operations(pyfuse3.Operations):
         except FormatError:
             return {}
         writer = self.name_writer(info.writer) if self.name_writer else info.writer_fingerprint
+        signature: str = info.signature
+        if signature == "valid" and self.is_trusted is not None and not self.is_trusted(
+                info.writer):
+            signature = "unknown writer"  # it verifies, but the writer is not you or a contact
         return {
             XATTR_WRITER: writer.encode(),
             XATTR_RECIPIENTS: ",".join(i.hex() for i in info.key_ids).encode(),
-            XATTR_SIGNATURE: info.signature.encode(),
+            XATTR_SIGNATURE: signature.encode(),
         }
 
     @_handler

@@ -10,7 +10,9 @@ Lifetime (docs/MOUNT.md):
 1. open the store and check it answers (a bad URL, missing bucket or bad credentials fail here,
    before anything is mounted); load the folder policies' machinery (cssfs.sharing: a new file
    is encrypted for its folder's recipients, group keys we hold open files shared with a
-   group; contacts are re-read whenever a policy is); replay the journal (closed files of an
+   group -- loaded again when a file does not open, so a group key given or rotated while
+   mounted counts; the contacts book is re-read whenever it changes, for the policies' trust
+   rule, the xattrs and ``--trusted-writers-only``); replay the journal (closed files of an
    earlier run that were not uploaded yet are queued again), then ``pyfuse3.init``;
 2. bind the control socket, send ``READY=1`` to ``$NOTIFY_SOCKET``: the mount is usable;
 3. serve requests (``pyfuse3.main``) while the journal uploads in the background;
@@ -34,7 +36,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,15 +48,13 @@ import trio
 from cssfs import config, service
 from cssfs.cache import ChunkCache
 from cssfs.encstore import EncryptedStore
-from cssfs.envelope import HEADER_SIZE, open_header
 from cssfs.errors import ConfigError, CssfsError, StoreUnavailableError
 from cssfs.fs import Operations, Reader
 from cssfs.journal import Journal
 from cssfs.keys import Identity, Recipient, writer_fingerprint
-from cssfs.policy import Trust
+from cssfs.policy import Trust, check_trusted_writer
 from cssfs.sharing import Sharing
 from cssfs.staging import StagedFile, StagingBudget
-from cssfs.store.base import ObjectInfo
 from cssfs.store.url import open_store
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class MountConfig:
     store_options: dict[str, Any] = field(default_factory=dict)
     state_dir: Path | None = None  # default: config.state_dir()/stores/<hash of the store URL>
     staging_bytes: int | None = None
+    trusted_writers_only: bool = False  # files written by strangers do not open (EACCES)
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -197,23 +198,72 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-async def reseal_attrs(
-    encstore: EncryptedStore, key: str, mtime_ns: int | None, mode: int | None
-) -> ObjectInfo:
-    """Give the stored envelope ``key`` a new mtime/mode by rewriting its 4 KiB header.
+class ContactsTrust:
+    """The reader's Trust (own identity + contacts book), the book re-read when it changes.
 
-    mtime and mode are under the header MAC, not the writer's signature, so any recipient may
-    change them and the writer stays who wrote the file; the payload is not re-uploaded. The
-    rewrite is conditional on the version whose header was read (PreconditionFailedError if
-    another client changed the object meanwhile).
+    Called on every open under ``--trusted-writers-only`` and every xattr read, so it costs one
+    stat(2) unless the file changed (mtime, size or inode: an atomic rewrite is a new inode). A
+    book that no longer parses is reported once and the contacts read before are kept.
     """
-    info = await encstore.store.head(key)
-    head = await encstore.store.get(key, 0, HEADER_SIZE)
-    opened = open_header(head, encstore.identity, binding=encstore.binding_for(key))
-    new_head = opened.reseal(mtime_ns=mtime_ns, mode=None if mode is None else mode & 0o7777)
-    result = await encstore.store.replace_head(key, new_head, HEADER_SIZE, if_match=info.etag)
-    encstore.forget(key)
-    return result
+
+    def __init__(self, own: Recipient, path: Path | None = None) -> None:
+        self.own = own
+        self.path = config.contacts_path() if path is None else path
+        self._stamp: tuple[int, int, int] | bool | None = False  # False: never read
+        self._trust = Trust.of(own)
+
+    def __call__(self) -> Trust:
+        try:
+            st = os.stat(self.path)
+            stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        except OSError:
+            return self._trust
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._trust = Trust.of(self.own, config.Contacts.load(self.path))
+            except ConfigError as exc:
+                log.warning("contacts book: %s; the contacts read before still count", exc)
+        return self._trust
+
+
+class GroupRefresher:
+    """Loads the group keys we hold again, when a file does not open for any key we have.
+
+    At most once per ``min_interval`` seconds (the policy TTL); concurrent callers share one
+    reload, and a caller that waited for someone else's reload that found new keys is told so.
+    New keys go to the EncryptedStore (``set_identities``).
+    """
+
+    def __init__(self, sharing: Sharing, encstore: EncryptedStore, min_interval: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.sharing = sharing
+        self.encstore = encstore
+        self.min_interval = min_interval
+        self._clock = clock
+        self._lock = trio.Lock()
+        self._last: float | None = None
+        self.changes = 0
+
+    async def __call__(self) -> bool:
+        seen = self.changes
+        async with self._lock:
+            if self.changes != seen:
+                return True
+            now = self._clock()
+            if self._last is not None and now - self._last < self.min_interval:
+                return False
+            self._last = now
+            if not await self.sharing.reload_groups():
+                return False
+            self.encstore.set_identities([g.identity for g in self.sharing.group_identities])
+            self.changes += 1
+            log.info("group keys loaded again: %d key(s) of %d group(s)",
+                     len(self.sharing.group_identities),
+                     len({g.name for g in self.sharing.group_identities}))
+            return True
 
 
 # -- the control socket -------------------------------------------------------------------------
@@ -369,8 +419,7 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
         stack.callback(nursery.cancel_scope.cancel)  # runs first: stop background tasks
         cache = ChunkCache(cfg.cache_size)
 
-        def trust() -> Trust:  # re-read when policies are: contacts added while mounted count
-            return Trust.of(identity.recipient, config.Contacts.load())
+        trust = ContactsTrust(identity.recipient)  # contacts added while mounted count
 
         sharing = await Sharing.load(store, identity, trust, default_recipients=cfg.recipients,
                                      ttl=cfg.list_ttl)  # policies are as fresh as listings
@@ -389,9 +438,6 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
         async def new_staged(base: Reader | None) -> StagedFile:
             return StagedFile(budget, base)
 
-        async def reseal(key: str, mtime_ns: int | None, mode: int | None) -> ObjectInfo:
-            return await reseal_attrs(encstore, key, mtime_ns, mode)
-
         def name_writer(ed25519: bytes) -> str:
             """A writer as user.cssfs.writer shows it: a contact's name, else a fingerprint."""
             now = trust()
@@ -400,8 +446,16 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
                 return name
             return writer_fingerprint(ed25519, (*now.own, *(r for _, r in now.contacts)))
 
-        ops = Operations(encstore, journal, new_staged, reseal=reseal, name_writer=name_writer,
-                         list_ttl=cfg.list_ttl, read_only=cfg.read_only, nursery=nursery)
+        def check_writer(ed25519: bytes) -> None:
+            check_trusted_writer(ed25519, trust())
+
+        ops = Operations(
+            encstore, journal, new_staged, name_writer=name_writer,
+            is_trusted=lambda ed25519: trust().is_trusted(ed25519),
+            check_writer=check_writer if cfg.trusted_writers_only else None,
+            refresh_keys=GroupRefresher(sharing, encstore, cfg.list_ttl),
+            list_ttl=cfg.list_ttl, read_only=cfg.read_only, nursery=nursery,
+        )
         daemon = Daemon(cfg, ops, journal, cache, encstore)
         nursery.start_soon(journal.run)
         listener = await stack.enter_async_context(_control_listener(control))

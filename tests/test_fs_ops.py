@@ -28,7 +28,6 @@ from cssfs.fs import Operations
 from cssfs.inodes import ROOT_INODE
 from cssfs.journal import DEFAULT_SETTLE_S, Journal
 from cssfs.keys import Identity
-from cssfs.mount import reseal_attrs
 from cssfs.staging import StagedFile, StagingBudget
 from cssfs.store.local import LocalStore
 from cssfs.store.memory import MemoryStore
@@ -218,10 +217,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
         async def new_staged(base: Any) -> Any:
             return StagedFile(budget, base)
 
-        async def reseal(key: str, mtime_ns: int | None, mode: int | None) -> Any:
-            return await reseal_attrs(encstore, key, mtime_ns, mode)
-
-        ops = Operations(encstore, journal, new_staged, reseal=reseal, list_ttl=2.0,
+        ops = Operations(encstore, journal, new_staged, list_ttl=2.0,
                          nursery=nursery, strict=True)
         yield FS(ops, store, journal)
         await journal.flush()
