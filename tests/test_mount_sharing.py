@@ -35,7 +35,9 @@ from cssfs.mount import ContactsTrust, GroupRefresher
 from cssfs.policy import Trust, check_trusted_writer
 from cssfs.sharing import Sharing
 from cssfs.staging import StagedFile, StagingBudget
+from cssfs.store.local import LocalStore
 from cssfs.store.memory import MemoryStore
+from tests.support.mounting import fuse_available, mounted
 from tests.test_fs_ops import FS, _readdir_reply
 
 ALICE = Identity.generate()
@@ -288,3 +290,28 @@ async def test_pending_file_xattrs_show_its_folder_policy(tmp_path: Path) -> Non
         # Uploaded: the header says the same.
         stored = await alice.fs.getxattr("shared/new.txt", "user.cssfs.recipients")
         assert {bytes.fromhex(h) for h in stored.decode().split(",")} == ids
+
+
+# -- the option on a real mount -----------------------------------------------------------------
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not fuse_available()[0], reason=fuse_available()[1])
+def test_real_mount_trusted_writers_only(tmp_path: Path) -> None:
+    """`cssfs mount --trusted-writers-only` over a folder store: the option reaches the daemon."""
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    trio.run(put_as, LocalStore(bucket), ALICE, "x.txt", CANARY, [BOB.recipient])
+    bob_id = tmp_path / "bob.id"
+    bob_id.write_bytes(BOB.to_file(None))
+    bob_id.chmod(0o600)
+    with mounted(os.fspath(bucket), tmp_path / "mnt", bob_id,
+                 args=["--trusted-writers-only"]) as m:
+        m.allow(r"WARNING cssfs\.fs: object x\.txt was written by someone untrusted")
+        path = m.path("x.txt")
+        with pytest.raises(PermissionError):
+            path.read_bytes()
+        assert os.getxattr(path, "user.cssfs.signature") == b"unknown writer"
+        write_contacts(Path(m.env["XDG_CONFIG_HOME"]) / "cssfs" / "contacts", {"alice": ALICE})
+        assert path.read_bytes() == CANARY
+        assert os.getxattr(path, "user.cssfs.writer") == b"alice"
