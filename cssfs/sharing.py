@@ -34,6 +34,7 @@ import trio
 from cssfs.envelope import (
     HEADER_SIZE,
     MAGIC,
+    MAX_RECIPIENTS,
     EnvelopeWriter,
     Header,
     OpenedEnvelope,
@@ -393,6 +394,14 @@ class Sharing:
                 base.recipients, base.groups
             ):
                 return  # nothing to change: idempotent
+            stanzas = len(new.recipients) + len(new.groups)  # one per recipient, one per group
+            if stanzas > MAX_RECIPIENTS and (
+                base is None or stanzas > len(base.recipients) + len(base.groups)
+            ):  # no file could be written under it: refuse before anything changes
+                raise ConfigError(
+                    f"too many readers for {policy_key(folder)} ({stanzas}; a file holds at "
+                    f"most {MAX_RECIPIENTS}): share with a group instead"
+                )
             try:
                 if found.etag is None:
                     await self.store.put(policy_key(folder), new.to_bytes(), if_none_match=True)

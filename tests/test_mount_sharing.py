@@ -27,6 +27,7 @@ from cssfs import config
 from cssfs.cache import ChunkCache
 from cssfs.encstore import EncryptedStore
 from cssfs.envelope import HEADER_SIZE, parse_header
+from cssfs.errors import ConfigError
 from cssfs.fs import Operations
 from cssfs.groups import Groups
 from cssfs.journal import Journal
@@ -315,3 +316,18 @@ def test_real_mount_trusted_writers_only(tmp_path: Path) -> None:
         write_contacts(Path(m.env["XDG_CONFIG_HOME"]) / "cssfs" / "contacts", {"alice": ALICE})
         assert path.read_bytes() == CANARY
         assert os.getxattr(path, "user.cssfs.writer") == b"alice"
+
+
+# -- header capacity ------------------------------------------------------------------------------
+
+
+async def test_share_refuses_a_policy_no_file_could_be_written_under() -> None:
+    store = MemoryStore("b")
+    await put_as(store, ALICE, "d/x.txt", b"x", [])
+    sharing = Sharing(store, ALICE, Trust.of(ALICE.recipient))
+    many = [Identity.generate().recipient for _ in range(43)]  # + Alice: 44 stanzas
+    with pytest.raises(ConfigError, match=r"too many readers .* share with a group instead"):
+        await sharing.share("d", many)
+    assert [o.key for o in (await store.list("d/")).objects] == ["d/x.txt"]  # no policy
+    report = await sharing.share("d", many[:42])  # 43 stanzas: fits
+    assert report.changed == ["d/x.txt"] and not report.failed
