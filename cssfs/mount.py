@@ -228,6 +228,15 @@ class ContactsTrust:
                 log.warning("contacts book: %s; the contacts read before still count", exc)
         return self._trust
 
+    def writer_name(self, ed25519: bytes) -> str:
+        """A writer as ``user.cssfs.writer`` shows it: a contact's name, else a fingerprint
+        (your own files show yours, as ``cssfs whoami`` prints it)."""
+        now = self()
+        name = now.signer_name(ed25519)
+        if name and name != "me":
+            return name
+        return writer_fingerprint(ed25519, (*now.own, *(r for _, r in now.contacts)))
+
 
 class GroupRefresher:
     """Loads the group keys we hold again, when a file does not open for any key we have.
@@ -438,19 +447,11 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
         async def new_staged(base: Reader | None) -> StagedFile:
             return StagedFile(budget, base)
 
-        def name_writer(ed25519: bytes) -> str:
-            """A writer as user.cssfs.writer shows it: a contact's name, else a fingerprint."""
-            now = trust()
-            name = now.signer_name(ed25519)
-            if name and name != "me":
-                return name
-            return writer_fingerprint(ed25519, (*now.own, *(r for _, r in now.contacts)))
-
         def check_writer(ed25519: bytes) -> None:
             check_trusted_writer(ed25519, trust())
 
         ops = Operations(
-            encstore, journal, new_staged, name_writer=name_writer,
+            encstore, journal, new_staged, name_writer=trust.writer_name,
             is_trusted=lambda ed25519: trust().is_trusted(ed25519),
             check_writer=check_writer if cfg.trusted_writers_only else None,
             refresh_keys=GroupRefresher(sharing, encstore, cfg.list_ttl),

@@ -31,7 +31,7 @@ from cssfs.errors import ConfigError
 from cssfs.fs import Operations
 from cssfs.groups import Groups
 from cssfs.journal import Journal
-from cssfs.keys import Identity, Recipient, writer_fingerprint
+from cssfs.keys import Identity, Recipient
 from cssfs.mount import ContactsTrust, GroupRefresher
 from cssfs.policy import Trust, check_trusted_writer
 from cssfs.sharing import Sharing
@@ -92,19 +92,12 @@ async def client(
         async def new_staged(base: Any) -> StagedFile:
             return StagedFile(budget, base)
 
-        def name_writer(ed25519: bytes) -> str:
-            now = trust()
-            name = now.signer_name(ed25519)
-            if name and name != "me":
-                return name
-            return writer_fingerprint(ed25519, (*now.own, *(r for _, r in now.contacts)))
-
         def check_writer(ed25519: bytes) -> None:
             check_trusted_writer(ed25519, trust())
 
         refresher = GroupRefresher(sharing, encstore, 0.0)
         ops = Operations(
-            encstore, journal, new_staged, name_writer=name_writer,
+            encstore, journal, new_staged, name_writer=trust.writer_name,
             is_trusted=lambda ed: trust().is_trusted(ed),
             check_writer=check_writer if trusted_only else None,
             refresh_keys=refresher, list_ttl=0.0, nursery=nursery, strict=True,
