@@ -254,6 +254,41 @@ def load_identity(args: argparse.Namespace) -> Identity:
     return config.load_identity(path, config.passphrase_source(path, args.passphrase_file))
 
 
+# -- S3 options, shared by the commands that open a store ---------------------------------------
+
+#: open_store's keywords that the S3 options set (cssfs.store.url).
+STORE_OPTIONS = ("endpoint_url", "region", "profile", "path_style")
+
+
+def add_store_options(p: argparse.ArgumentParser) -> None:
+    """``--endpoint-url``, ``--region``, ``--profile``, ``--path-style`` (read by
+    store_options) on a command that opens a store."""
+    g = p.add_argument_group("S3 options (also from AWS_* environment variables and ~/.aws)")
+    g.add_argument("--endpoint-url", metavar="URL",
+                   help="S3 endpoint (default: AWS, or $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL)")
+    g.add_argument("--region", metavar="NAME", help="S3 region")
+    g.add_argument("--profile", metavar="NAME", help="AWS profile")
+    g.add_argument("--path-style", action="store_true", default=None,
+                   help="path-style addressing (http://host/bucket/key; most S3-compatible "
+                   "servers)")
+
+
+def store_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The S3 options given on the command line, as ``open_store(url, **...)`` keywords
+    (those not given are left out: the environment and ~/.aws decide)."""
+    given = {name: getattr(args, name, None) for name in STORE_OPTIONS}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def store_option_args(args: argparse.Namespace) -> list[str]:
+    """The S3 options given, as command-line arguments again (a command that runs another)."""
+    out: list[str] = []
+    for name, value in store_options(args).items():
+        flag = "--" + name.replace("_", "-")
+        out += [flag] if value is True else [flag, str(value)]
+    return out
+
+
 # -- logging ----------------------------------------------------------------------------------
 
 _SYSLOG_PRIORITY = {

@@ -2,7 +2,7 @@
 
 What it knows: the command's options, its output (docs/CLI.md, "fsck") and exit status, which
 identities it checks with (yours, plus the group keys you hold in that store). The checking is
-cssfs.fsck's; store URLs and the S3 options are cmd_store's. trio, the stores and boto3 are
+cssfs.fsck's; store URLs are cmd_store's, the S3 options cli's. trio, the stores and boto3 are
 imported inside the handler only, like every command module. It must not know FUSE.
 """
 
@@ -12,8 +12,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from cssfs.cli import CliError, ExitCode, exit_code_for, load_identity
-from cssfs.cmd_store import Location, _opened, _run, _store_options
+from cssfs.cli import CliError, ExitCode, add_store_options, exit_code_for, load_identity
+from cssfs.cmd_store import Location, _opened, _run
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,7 +49,7 @@ def register(commands: Subparsers) -> None:
         help=f"--repair leaves alone leftovers active in the last MINUTES (default "
         f"{DEFAULT_OLDER_THAN_MIN:.0f}): they may belong to an upload still running",
     )
-    _store_options(p)
+    add_store_options(p)
     p.set_defaults(func=_fsck)
 
 

@@ -27,11 +27,18 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from cssfs import config, service
-from cssfs.cli import CliError, ExitCode, Subparsers, load_identity
-from cssfs.errors import ConfigError, CssfsError
+from cssfs.cli import (
+    CliError,
+    ExitCode,
+    Subparsers,
+    add_store_options,
+    load_identity,
+    store_option_args,
+    store_options,
+)
+from cssfs.errors import ConfigError, CssfsError, first_error
 
 DEFAULT_CACHE_SIZE = "256M"
 DEFAULT_LIST_TTL = 2.0
@@ -88,7 +95,7 @@ def register(commands: Subparsers) -> None:
     p.add_argument("--trusted-writers-only", action="store_true",
                    help="refuse to open files (EACCES) whose writer is not you or one of your "
                    "contacts; the contacts book is re-read when it changes")
-    _store_options(p)
+    add_store_options(p)
     p.set_defaults(func=_mount)
 
     p = commands.add_parser(
@@ -115,25 +122,6 @@ def register(commands: Subparsers) -> None:
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
     p.set_defaults(func=_status)
-
-
-def _store_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint-url", metavar="URL",
-                   help="S3 endpoint (default: $AWS_ENDPOINT_URL_S3 / AWS configuration)")
-    p.add_argument("--region", metavar="REGION", help="S3 region")
-    p.add_argument("--path-style", action="store_true",
-                   help="path-style S3 addressing (most S3-compatible servers)")
-
-
-def _store_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if args.endpoint_url:
-        out["endpoint_url"] = args.endpoint_url
-    if args.region:
-        out["region"] = args.region
-    if args.path_style:
-        out["path_style"] = True
-    return out
 
 
 # -- mount --------------------------------------------------------------------------------------
@@ -195,13 +183,13 @@ def _mount_foreground(args: argparse.Namespace, mountpoint: str) -> int:
             options=_fuse_options(args.options),
             list_ttl=args.list_ttl,
             recipients=recipients,
-            store_options=_store_kwargs(args),
+            store_options=store_options(args),
             trusted_writers_only=args.trusted_writers_only,
         )
         try:
             trio.run(mount.serve, cfg, identity)
         except BaseExceptionGroup as group:
-            raise _one_error(group) from None
+            raise first_error(group) from None
     except (CssfsError, OSError, RuntimeError) as exc:
         message = _message(exc)
         service.notify(f"STATUS=error: {message}")
@@ -225,26 +213,6 @@ def _code(exc: BaseException) -> ExitCode:
     if isinstance(exc, RuntimeError):
         return ExitCode.MOUNT
     return exit_code_for(exc)
-
-
-def _one_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The exception a nursery failure is about: the first CssfsError/OSError leaf, else the
-    first leaf that is not a cancellation."""
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            stack[:0] = list(exc.exceptions)
-        else:
-            leaves.append(exc)
-    for leaf in leaves:
-        if isinstance(leaf, (CssfsError, OSError)):
-            return leaf
-    for leaf in leaves:
-        if type(leaf).__name__ != "Cancelled":
-            return leaf
-    return leaves[0]
 
 
 def _log_path(mountpoint: str) -> Path:
@@ -305,12 +273,7 @@ def _mount_detached(args: argparse.Namespace, mountpoint: str) -> int:
         argv += ["-o", option]
     for r in args.recipients:
         argv += ["--recipient", r]
-    if args.endpoint_url:
-        argv += ["--endpoint-url", args.endpoint_url]
-    if args.region:
-        argv += ["--region", args.region]
-    if args.path_style:
-        argv.append("--path-style")
+    argv += store_option_args(args)
     argv += ["--", args.store, mountpoint]
 
     log_path = _log_path(mountpoint)

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from cssfs.cli import CliError, ExitCode, load_identity
-from cssfs.errors import ConfigError
+from cssfs.cli import CliError, ExitCode, add_store_options, load_identity, store_options
+from cssfs.errors import ConfigError, first_error
 
 if TYPE_CHECKING:
     from cssfs.cli import Subparsers
@@ -107,6 +107,7 @@ def register(commands: Subparsers) -> None:
 def _store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", metavar="URL",
                    help="the store (as given to `cssfs mount`), or a path inside a cssfs mount")
+    add_store_options(p)
 
 
 def _path_args(p: argparse.ArgumentParser) -> None:
@@ -227,13 +228,13 @@ def _trust(identity: Identity, contacts: Contacts) -> Trust:
     return Trust.of(identity.recipient, contacts)
 
 
-def _run(url: str, work: Callable[[ObjectStore], Awaitable[T]]) -> T:
+def _run(url: str, args: argparse.Namespace, work: Callable[[ObjectStore], Awaitable[T]]) -> T:
     import trio
 
     from cssfs.store.url import open_store
 
     async def main() -> T:
-        store = open_store(url)
+        store = open_store(url, **store_options(args))
         try:
             return await work(store)
         finally:
@@ -241,10 +242,8 @@ def _run(url: str, work: Callable[[ObjectStore], Awaitable[T]]) -> T:
 
     try:
         return trio.run(main)
-    except BaseExceptionGroup as group:  # a nursery's single error: report it as itself
-        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
-            raise group.exceptions[0] from None
-        raise
+    except BaseExceptionGroup as group:  # a nursery's failure: report its error as itself
+        raise first_error(group) from None
 
 
 # -- share / unshare / access -------------------------------------------------------------------
@@ -290,7 +289,7 @@ def _change(args: argparse.Namespace, *, remove: bool) -> int:
         finally:
             close()
 
-    report = _run(target.url, work)
+    report = _run(target.url, args, work)
     where = target.folder or "/"
     verb = "re-encrypted" if remove else "shared"
     print(f"{where}: {len(report.changed)} file(s) {verb}, {len(report.already)} already done, "
@@ -327,7 +326,7 @@ def _access(args: argparse.Namespace) -> None:
     async def work(store: ObjectStore) -> AccessReport:
         return await (await Sharing.load(store, identity, trust)).access(target.folder)
 
-    _print_access(_run(target.url, work))
+    _print_access(_run(target.url, args, work))
 
 
 def _print_access(report: AccessReport) -> None:
@@ -363,7 +362,7 @@ def _group(args: argparse.Namespace, work: Callable[[ObjectStore, Identity, Cont
     url = _group_store(args)
     identity = load_identity(args)
     contacts = config.Contacts.load()
-    return _run(url, lambda store: work(store, identity, contacts))
+    return _run(url, args, lambda store: work(store, identity, contacts))
 
 
 def _members(who: list[str], contacts: Contacts) -> list[Recipient]:

@@ -35,8 +35,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from cssfs import config
-from cssfs.cli import CliError, ExitCode, about, load_identity
-from cssfs.errors import CssfsError, FormatError, NoSuchObjectError
+from cssfs.cli import (
+    CliError,
+    ExitCode,
+    about,
+    add_store_options,
+    load_identity,
+    store_options,
+)
+from cssfs.errors import CssfsError, FormatError, NoSuchObjectError, first_error
 from cssfs.progress import Progress
 
 if TYPE_CHECKING:
@@ -68,7 +75,7 @@ def register(commands: Subparsers) -> None:
                    help="a contact name, a cssfs1... recipient string, or a public key file "
                    "(recipient_public_key.pem); repeatable")
     p.add_argument("-R", "--recursive", action="store_true", help="upload folders recursively")
-    _store_options(p)
+    add_store_options(p)
     p.set_defaults(func=_put)
 
     p = commands.add_parser(
@@ -79,7 +86,7 @@ def register(commands: Subparsers) -> None:
     )
     p.add_argument("source", metavar="STORE_URL/PATH")
     p.add_argument("dest", metavar="DEST", nargs="?")
-    _store_options(p)
+    add_store_options(p)
     p.set_defaults(func=_get)
 
     p = commands.add_parser(
@@ -87,7 +94,7 @@ def register(commands: Subparsers) -> None:
         description="Download, verify and decrypt each STORE_URL/PATH to stdout, in order.",
     )
     p.add_argument("sources", metavar="STORE_URL/PATH", nargs="+")
-    _store_options(p)
+    add_store_options(p)
     p.set_defaults(func=_cat)
 
     p = commands.add_parser(
@@ -100,7 +107,7 @@ def register(commands: Subparsers) -> None:
     p.add_argument("-l", "--long", action="store_true", help="sizes, times, writers, access")
     p.add_argument("-a", "--all", action="store_true",
                    help="also cssfs's own objects (.cssfs-* : folder policies, groups)")
-    _store_options(p)
+    add_store_options(p)
     p.set_defaults(func=_ls)
 
     p = commands.add_parser(
@@ -109,18 +116,8 @@ def register(commands: Subparsers) -> None:
     )
     p.add_argument("targets", metavar="STORE_URL/PATH", nargs="+")
     p.add_argument("-r", "--recursive", action="store_true", help="delete folders recursively")
-    _store_options(p)
+    add_store_options(p)
     p.set_defaults(func=_rm)
-
-
-def _store_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("S3 options (also from AWS_* environment variables and ~/.aws)")
-    g.add_argument("--endpoint-url", metavar="URL",
-                   help="S3 endpoint (default: AWS, or $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL)")
-    g.add_argument("--region", metavar="NAME", help="S3 region")
-    g.add_argument("--profile", metavar="NAME", help="AWS profile")
-    g.add_argument("--path-style", action="store_true", default=None,
-                   help="path-style addressing (http://host/bucket/key)")
 
 
 # -- locations --------------------------------------------------------------------------------
@@ -187,10 +184,7 @@ def _local_location(text: str, path: str) -> Location:
 def _open_store(loc: Location, args: argparse.Namespace) -> ObjectStore:
     from cssfs.store.url import open_store
 
-    return open_store(
-        loc.store_url, endpoint_url=args.endpoint_url, region=args.region,
-        profile=args.profile, path_style=args.path_style,
-    )
+    return open_store(loc.store_url, **store_options(args))
 
 
 @contextlib.contextmanager
@@ -209,13 +203,6 @@ def _quiet_encstore(args: argparse.Namespace) -> Iterator[None]:
         logger.setLevel(saved)
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _run(args: argparse.Namespace, fn: Callable[[], Awaitable[T]]) -> T:
     """Run ``fn`` under trio; a nursery's ExceptionGroup is reported as its first error."""
     import trio
@@ -224,7 +211,7 @@ def _run(args: argparse.Namespace, fn: Callable[[], Awaitable[T]]) -> T:
         try:
             return trio.run(fn)
         except BaseExceptionGroup as group:
-            raise _first_leaf(group) from None
+            raise first_error(group) from None
 
 
 @contextlib.asynccontextmanager

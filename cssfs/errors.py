@@ -116,3 +116,28 @@ class JournalError(CssfsError):
     def __init__(self, message: str, errno: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+# -- nursery failures ------------------------------------------------------------------------
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error a failed nursery is about, to report as itself instead of a group.
+
+    Nurseries here run a few tasks of one operation (or the mount's daemon tasks): the first
+    leaf that is a CssfsError or an OSError, else the first that is an Exception (not a
+    cancellation, which is only the echo of the real failure), else the first leaf.
+    """
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            stack[:0] = list(exc.exceptions)
+        else:
+            leaves.append(exc)
+    for kinds in ((CssfsError, OSError), Exception):
+        for leaf in leaves:
+            if isinstance(leaf, kinds):
+                return leaf
+    return leaves[0]
