@@ -223,6 +223,9 @@ class _Envelope:
     binding: bytes
     mtime_ns: int
     mode: int
+    # Sealed for us alone because the folder's sharing policy could not be read (store down):
+    # its recipients are added to the header before the upload.
+    unresolved: bool = False
 
 
 @dataclass(eq=False)
@@ -391,6 +394,9 @@ class Journal:
         self._sealing_done = trio.Event()
         self._stats = JournalStats()
         self._replayed = False
+        # The store failed as unreachable since the last op that reached it: commits then seal
+        # without asking it for recipients (each ask would wait out the store's retries).
+        self._unreachable = False
         # The last version each key got from us this session: never a stranger's, so a later
         # commit may replace it whatever base the caller names (it may have landed while that
         # commit was being sealed).
@@ -454,6 +460,8 @@ class Journal:
                 "base_etag": put.expect.hint if put.expect.hint is not None else "absent",
                 "conflict_of": put.conflict_of,
             }
+            if record.env.unresolved:
+                data["put"]["resolve_recipients"] = True
         if record.header_redo is not None:
             data["header"] = base64.b64encode(record.header_redo).decode("ascii")
         return data
@@ -667,7 +675,18 @@ class Journal:
         chunks from its base), and sealed in worker threads a batch at a time; a worker never
         waits for a read, so sealing cannot starve the reads of the CPU limiter.
         """
-        recipients = await self._enc.recipients_of(key)
+        # A close must not fail (or wait long) because the store is down. Why sealing for us
+        # alone is safe then: the writer is a recipient of every file it writes, so this is a
+        # subset of whatever the folder's policy says; the policy's recipients are added to the
+        # header (a reseal) before the upload, which needs the store anyway.
+        recipients: Sequence[Recipient] = ()
+        unresolved = self._unreachable
+        if not unresolved:
+            try:
+                recipients = await self._enc.recipients_of(key)
+            except StoreUnavailableError as exc:
+                log.info("journal: %s; sealing for us alone until the store answers", exc)
+                self._unreachable = unresolved = True
         writer = EnvelopeWriter(
             self._identity, recipients, binding=self._enc.binding_for(key), mtime_ns=mtime_ns,
             mode=mode & 0o7777,
@@ -703,7 +722,8 @@ class Journal:
             parsed = parse_header(header)
             ok = True
             return _Envelope(
-                path, parsed.salt, size, cipher_size, parsed.binding, parsed.mtime_ns, parsed.mode
+                path, parsed.salt, size, cipher_size, parsed.binding, parsed.mtime_ns, parsed.mode,
+                unresolved,
             )
         finally:
             os.close(fd)
@@ -1076,6 +1096,7 @@ class Journal:
                 raise ValueError("bad key")
             if put_data["size"] != env.size:
                 raise ValueError("sidecar size and envelope size differ")
+            env.unresolved = put_data.get("resolve_recipients") is True
             mtime_ns, mode = put_data["mtime_ns"], put_data["mode"]
             if not isinstance(mtime_ns, int) or not isinstance(mode, int):
                 raise ValueError("bad mtime or mode")
@@ -1189,7 +1210,8 @@ class Journal:
         assert env is not None
         key = op.key
         add: Sequence[Recipient] = ()
-        if self._enc.binding_for(key) != env.binding:  # renamed: maybe into another folder
+        if env.unresolved or self._enc.binding_for(key) != env.binding:
+            # sealed while the store was down, or renamed: maybe into another folder
             try:
                 add = await self._enc.recipients_of(key)
             except StoreError as exc:
@@ -1203,7 +1225,8 @@ class Journal:
                 await self._settle(op.record)
                 return
             try:
-                await self._reseal_if_needed(op, add if op.key == key else ())
+                same = op.key == key
+                await self._reseal_if_needed(op, add if same else (), resolved=same)
             except JournalError as exc:
                 await self._attempt_failed(op, exc)
                 return
@@ -1223,13 +1246,20 @@ class Journal:
             else:
                 await self._conflict(op)
 
-    async def _reseal_if_needed(self, op: _Op, add: Sequence[Recipient]) -> None:
+    async def _reseal_if_needed(
+        self, op: _Op, add: Sequence[Recipient], *, resolved: bool = False
+    ) -> None:
         """Rewrite the envelope's header for op.key/mtime/mode (and ``add`` the recipients of
-        a folder it was renamed into) if it does not say so already."""
+        a folder it was renamed into) if it does not say so already. ``resolved``: ``add`` are
+        op.key's recipients (an envelope sealed while they were unknown gets them here)."""
         env, record = op.env, op.record
         assert env is not None
+        if env.unresolved and not resolved:
+            raise JournalError(f"journal entry {record.seq}: its recipients are not known yet")
         binding = self._enc.binding_for(op.key)
-        if (env.binding, env.mtime_ns, env.mode) == (binding, op.mtime_ns, op.mode):
+        if not env.unresolved and (env.binding, env.mtime_ns, env.mode) == (
+            binding, op.mtime_ns, op.mode
+        ):
             return
         head = await trio.to_thread.run_sync(_read_head, env.path)
         opened = open_header(head, self._identity)
@@ -1245,6 +1275,8 @@ class Journal:
         except OSError as exc:
             raise JournalError(f"cannot reseal journal entry {record.seq}", exc.errno) from exc
         env.binding, env.mtime_ns, env.mode = binding, op.mtime_ns, op.mode
+        env.unresolved = False  # the next sidecar write drops the flag (a replay before that
+        # resolves again: adding recipients already there changes nothing)
 
     async def _current(self, key: str, expect: _Expect) -> tuple[_Current | None, bool]:
         """(what is under ``key`` now, whether ``expect`` allows replacing or deleting it)."""
@@ -1293,6 +1325,7 @@ class Journal:
         record.users -= 1
         self._stats.uploaded += 1
         self._stats.bytes_uploaded += env.cipher_size
+        self._unreachable = False
         self._stats.failures.pop(op.key, None)
         nxt = self._unqueue(op)
         if nxt is not None:
@@ -1417,6 +1450,8 @@ class Journal:
     async def _attempt_failed_queued(self, op: _Op, exc: BaseException) -> None:
         op.failures += 1
         op.error = exc
+        if isinstance(exc, StoreUnavailableError):
+            self._unreachable = True
         transient = isinstance(exc, StoreUnavailableError | OSError | JournalError)
         cap = MAX_BACKOFF_S if transient else MAX_BACKOFF_PERMANENT_S
         delay = min(cap, 0.5 * 2 ** (op.failures - 1)) * (0.75 + random.random() / 2)
