@@ -77,8 +77,14 @@ class CountingProxy:
         except OSError:
             pass
         finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+            # When either side is done, the connection is done: HTTP clients do not half-close,
+            # and a server streaming a body must see the client's hang-up as it would without
+            # the relay (a half-open upstream kept moto producing a body nobody reads).
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    sock.close()
 
     def close(self) -> None:
         self._closing = True
