@@ -55,7 +55,9 @@ def register(commands: Subparsers) -> None:
     q.add_argument("--unit-dir", metavar="DIR",
                    help="where to write the unit (default: $XDG_CONFIG_HOME/systemd/user)")
     q.add_argument("mount_options", nargs=argparse.REMAINDER, metavar="-- MOUNT-OPTION",
-                   help="options passed to `cssfs mount`, after `--` (e.g. -- --cache-size 1G)")
+                   help="options passed to `cssfs mount`, after `--` (e.g. -- --cache-size 1G); "
+                   "--force, --unit-dir, -i and --passphrase-file stay install's own even "
+                   "after MOUNTPOINT (before the `--`)")
     q.set_defaults(func=_install)
 
     q = sub.add_parser("remove", help="delete an instance's config (stop it first)")
@@ -126,11 +128,41 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     tmp.replace(path)
 
 
+def _own_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--unit-dir")
+    p.add_argument("-i", "--identity")
+    p.add_argument("--passphrase-file")
+    return p
+
+
+def split_mount_options(args: argparse.Namespace) -> list[str]:
+    """The mount options among the words after MOUNTPOINT (argparse hands all of them over).
+
+    Before a ``--``, install's own options (``--force``, ``--unit-dir``, ``-i``,
+    ``--passphrase-file``) are taken back and set on ``args`` -- so ``install NAME STORE MNT
+    --passphrase-file F`` writes the credential drop-in instead of passing F to the mount --
+    and anything else goes to the mount; after a ``--`` everything goes to the mount.
+    """
+    words = list(args.mount_options)
+    cut = words.index("--") if "--" in words else len(words)
+    try:
+        own, rest = _own_options().parse_known_args(words[:cut])
+    except argparse.ArgumentError as exc:
+        raise ConfigError(f"service install: {exc}") from None
+    args.force = args.force or own.force
+    for name in ("unit_dir", "identity", "passphrase_file"):
+        if getattr(own, name) is not None:
+            setattr(args, name, getattr(own, name))
+    return [*rest, *words[cut + 1 :]]
+
+
 def _install(args: argparse.Namespace) -> int:
+    options = split_mount_options(args)
     env_path = _env_path(args.name)
     if env_path.exists() and not args.force:
         raise ConfigError(f"{env_path} exists (use --force to replace it)")
-    options = [o for o in args.mount_options if o != "--"]
     identity = config.identity_path(args.identity).resolve()
     if not identity.exists():
         raise ConfigError(f"no identity at {identity} (run `cssfs keygen` first)")

@@ -106,3 +106,28 @@ def test_install_writes_a_valid_unit_env_and_credential(
 def test_env_values_with_shell_metacharacters_are_refused() -> None:
     with pytest.raises(cmd_service.ConfigError):
         cmd_service.render_env('b"ad', Path("/m"), Path("/i"), [])
+
+
+def test_install_options_after_the_mountpoint_are_installs_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`install NAME STORE MNT --passphrase-file F --force --cache-size 1G -- -o allow_other`:
+    F becomes the credential drop-in (not a mount option), --force replaces, the rest mounts."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["keygen", "--no-passphrase"]) == 0
+    secret = tmp_path / "passphrase"
+    secret.write_text("x\n")
+    units = tmp_path / "units"
+    base = ["service", "install", "home", "b", str(tmp_path / "m"), "--unit-dir", str(units)]
+    assert cli.main(base) == 0
+    assert cli.main([*base, "--passphrase-file", str(secret), "--force", "--cache-size", "1G",
+                     "--", "-o", "allow_other"]) == 0
+    capsys.readouterr()
+    env = (tmp_path / "config" / "cssfs" / "mounts" / "home.env").read_text()
+    assert 'CSSFS_MOUNT_OPTIONS="--cache-size 1G -o allow_other"' in env
+    dropin = (units / "cssfs@home.service.d" / "credential.conf").read_text()
+    assert f"LoadCredential=cssfs-passphrase:{secret}" in dropin
+    assert cli.main([*base, "--force", "--unit-dir"]) == cli.ExitCode.CONFIG
+    assert "expected one argument" in capsys.readouterr().err
