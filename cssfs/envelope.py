@@ -574,6 +574,30 @@ def open_header(
     return OpenedEnvelope(header, file_key, keys)
 
 
+def open_any(
+    data: bytes | Header, identities: Sequence[Identity], *, binding: bytes | None = None
+) -> tuple[OpenedEnvelope, Identity]:
+    """open_header with the first of ``identities`` (yours, then group keys) it has a stanza for.
+
+    Only identities whose key id is in the header are tried, so a reader with many group keys
+    pays one X25519 per open, not one per key. Errors as open_header; when several identities
+    match and all fail, the first failure is raised.
+    """
+    header = data if isinstance(data, Header) else parse_header(data)
+    present = set(header.key_ids)
+    first: HeaderAuthError | None = None
+    for identity in identities:
+        if identity.recipient.key_id not in present:
+            continue
+        try:
+            return open_header(header, identity, binding=binding), identity
+        except HeaderAuthError as exc:  # a key-id collision, or a tampered header
+            first = first or exc
+    if first is not None:
+        raise first
+    raise NoIdentityMatchError("the file is not encrypted for this identity or its groups")
+
+
 # -- whole-stream helpers (the CLI's encrypt/decrypt) ---------------------------------------
 
 
@@ -587,7 +611,7 @@ def _seekable(f: BinaryIO) -> bool:
     return True
 
 
-def _read_full(src: BinaryIO, view: memoryview) -> int:
+def read_full(src: BinaryIO, view: memoryview) -> int:
     """Fill ``view`` from ``src`` (short reads retried); returns the bytes read (< len at EOF)."""
     readinto = getattr(src, "readinto", None)
     total = 0
@@ -638,10 +662,10 @@ def encrypt_stream(
         bufs = (bytearray(CHUNK_SIZE), bytearray(CHUNK_SIZE))
         out = memoryview(bytearray(CHUNK_SIZE + TAG_SIZE))
         cur = 0
-        n = _read_full(src, memoryview(bufs[cur]))
+        n = read_full(src, memoryview(bufs[cur]))
         while True:
             # One chunk of read-ahead: a full chunk is the last only if nothing follows it.
-            next_n = _read_full(src, memoryview(bufs[1 - cur])) if n == CHUNK_SIZE else 0
+            next_n = read_full(src, memoryview(bufs[1 - cur])) if n == CHUNK_SIZE else 0
             last = next_n == 0
             sealed = out[: n + TAG_SIZE]
             writer.seal_chunk_into(memoryview(bufs[cur])[:n], sealed, last=last)
@@ -672,7 +696,7 @@ TABLE_WINDOW = 2048
 
 def _read_exact(src: BinaryIO, length: int) -> bytearray:
     buf = bytearray(length)
-    if _read_full(src, memoryview(buf)) != length:
+    if read_full(src, memoryview(buf)) != length:
         raise TruncatedError("envelope is truncated")
     return buf
 
@@ -684,7 +708,7 @@ def _hash_region(src: BinaryIO, length: int) -> bytes:
     left = length
     while left:
         view = memoryview(buf)[: min(left, len(buf))]
-        if _read_full(src, view) != len(view):
+        if read_full(src, view) != len(view):
             raise TruncatedError("envelope is truncated in the chunk table")
         hasher.update(view)
         left -= len(view)
@@ -706,7 +730,7 @@ def decrypt_stream(
     seekable = _seekable(src)
     start = src.tell() if seekable else 0
     header_bytes = bytearray(HEADER_SIZE)
-    got = _read_full(src, memoryview(header_bytes))
+    got = read_full(src, memoryview(header_bytes))
     if got != HEADER_SIZE:
         raise FormatError(f"too short to be a cssfs envelope ({got} bytes)")
     opened = open_header(bytes(header_bytes), identity, binding=binding)
@@ -720,7 +744,7 @@ def decrypt_stream(
 def _read_chunk(src: BinaryIO, buf: bytearray, index: int, size: int) -> memoryview:
     _, ct_len = chunk_range(index, size)
     ct = memoryview(buf)[:ct_len]
-    if _read_full(src, ct) != ct_len:
+    if read_full(src, ct) != ct_len:
         raise TruncatedError(f"envelope is truncated in chunk {index}")
     return ct
 

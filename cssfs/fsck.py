@@ -60,6 +60,7 @@ from cssfs.envelope import (
     check_envelope_size,
     chunk_range,
     object_binding,
+    open_any,
     parse_header,
     table_range,
     verify_signature,
@@ -76,7 +77,6 @@ from cssfs.errors import (
     StoreError,
     TruncatedError,
 )
-from cssfs.groups import open_any
 from cssfs.keys import Identity
 from cssfs.policy import is_internal
 from cssfs.store.base import ObjectInfo, ObjectStore

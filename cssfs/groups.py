@@ -37,18 +37,15 @@ import trio
 from cssfs.envelope import (
     HEADER_SIZE,
     Header,
-    OpenedEnvelope,
     decrypt_stream,
     encrypt_stream,
     object_binding,
-    open_header,
     parse_header,
 )
 from cssfs.errors import (
     ConfigError,
     CssfsError,
     FormatError,
-    HeaderAuthError,
     KeyFormatError,
     NoIdentityMatchError,
     NoSuchObjectError,
@@ -102,33 +99,6 @@ def member_key(name: str, key_id: bytes) -> str:
 def group_label(name: str) -> str:
     """How a group is named where a recipient is expected: ``group:NAME``."""
     return f"group:{name}"
-
-
-# -- opening with several identities ---------------------------------------------------------
-
-
-def open_any(
-    data: bytes | Header, identities: Sequence[Identity], *, binding: bytes | None = None
-) -> tuple[OpenedEnvelope, Identity]:
-    """Open a header with the first of ``identities`` it has a stanza for.
-
-    Only identities whose key id is in the header are tried, so a reader with many group keys
-    pays one X25519 per open, not one per key. Errors as envelope.open_header; when several
-    identities match and all fail, the first failure is raised.
-    """
-    header = data if isinstance(data, Header) else parse_header(data)
-    present = set(header.key_ids)
-    first: CssfsError | None = None
-    for identity in identities:
-        if identity.recipient.key_id not in present:
-            continue
-        try:
-            return open_header(header, identity, binding=binding), identity
-        except HeaderAuthError as exc:  # a key-id collision, or a tampered header
-            first = first or exc
-    if first is not None:
-        raise first
-    raise NoIdentityMatchError("the file is not encrypted for this identity or its groups")
 
 
 # -- small envelopes ---------------------------------------------------------------------------

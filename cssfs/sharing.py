@@ -41,6 +41,7 @@ from cssfs.envelope import (
     check_envelope_size,
     chunk_range,
     object_binding,
+    open_any,
     parse_header,
     plain_size,
     table_range,
@@ -57,7 +58,7 @@ from cssfs.errors import (
     PreconditionFailedError,
     SignatureError,
 )
-from cssfs.groups import GroupIdentity, Groups, group_label, open_any
+from cssfs.groups import GroupIdentity, Groups, group_label
 from cssfs.keys import Identity, Recipient
 from cssfs.policy import (
     POLICY_NAME,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cssfs.envelope import HEADER_SIZE, encrypt_stream, object_binding, parse_header
+from cssfs.envelope import HEADER_SIZE, encrypt_stream, object_binding, open_any, parse_header
 from cssfs.errors import ConfigError, FormatError, NoIdentityMatchError
 from cssfs.groups import (
     GroupKeys,
@@ -18,7 +18,6 @@ from cssfs.groups import (
     check_group_record,
     make_group_record,
     member_key,
-    open_any,
     parse_group_keys,
     parse_group_record,
     parse_roster,
