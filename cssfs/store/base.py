@@ -59,6 +59,7 @@ __all__ = [
     "ObjectStore",
     "PartReader",
     "PartSource",
+    "Piece",
     "StoreBase",
     "StoreStats",
     "UploadInfo",
@@ -163,6 +164,8 @@ class StoreStats:
 
 
 HeadFn = Callable[[], bytes | Awaitable[bytes]]
+#: One piece of a streamed body: any contiguous bytes-like object.
+Piece = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,10 @@ class PartSource:
     iterable). Once it is exhausted the store calls ``head()`` (sync or async) exactly once; it
     must return exactly ``head_size`` bytes. The stored object is ``head() + b"".join(rest)``.
 
+    A piece may be a bytearray or memoryview that the producer refills: every store is done
+    with a piece (has copied or written it) before it asks for the next one, and keeps no
+    reference to it afterwards, so a producer may reuse one buffer for all its pieces.
+
     On S3 a body larger than the part size becomes a multipart upload whose part 1 (the head and
     the first bytes of ``rest``) is uploaded last; the other parts go up while ``rest`` is still
     being produced, with at most ``concurrency`` of them in memory at once, plus part 1.
@@ -180,14 +187,14 @@ class PartSource:
     """
 
     head_size: int
-    rest: AsyncIterable[bytes] | Iterable[bytes]
+    rest: AsyncIterable[Piece] | Iterable[Piece]
     head: HeadFn
 
     def __post_init__(self) -> None:
         if self.head_size < 0:
             raise ValueError("PartSource.head_size must be >= 0")
 
-    async def pieces(self) -> AsyncGenerator[bytes, None]:
+    async def pieces(self) -> AsyncGenerator[Piece, None]:
         """The pieces of ``rest``, whichever kind of iterable it is; an async generator given
         as ``rest`` is closed when this one is (the store stopped early, e.g. on an error)."""
         if isinstance(self.rest, AsyncIterable):
@@ -331,25 +338,50 @@ def batched(keys: Sequence[str], size: int = DELETE_BATCH) -> Iterable[list[str]
 
 
 class PartReader:
-    """Regroups an async stream of pieces of any size into reads of an exact size."""
+    """Regroups an async stream of pieces of any size into reads of an exact size.
 
-    def __init__(self, pieces: AsyncIterator[bytes]) -> None:
+    It never keeps a piece past the request for the next one (the PartSource contract): what
+    is left of a piece is copied out before the stream is asked for more.
+    """
+
+    def __init__(self, pieces: AsyncIterator[Piece]) -> None:
         self._pieces = pieces
-        self._buffer = bytearray()
+        self._left: memoryview | None = None  # the unread rest of the current piece
         self._eof = False
+
+    async def readinto(self, out: memoryview) -> int:
+        """Fill ``out`` (a writable byte view); the count, below ``len(out)`` only at the end."""
+        filled = 0
+        while filled < len(out):
+            left = self._left
+            if left is None:
+                if self._eof:
+                    break
+                try:
+                    piece = await self._pieces.__anext__()
+                except StopAsyncIteration:
+                    self._eof = True
+                    break
+                self._left = memoryview(piece).cast("B")
+                continue
+            n = min(len(left), len(out) - filled)
+            out[filled : filled + n] = left[:n]
+            filled += n
+            if n == len(left):
+                self._left = None
+                left.release()  # the producer may refill (or resize) its buffer now
+            else:
+                self._left = left[n:]
+                left.release()
+        return filled
 
     async def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or fewer only at the end of the stream."""
-        while len(self._buffer) < n and not self._eof:
-            try:
-                piece = await self._pieces.__anext__()
-            except StopAsyncIteration:
-                self._eof = True
-                break
-            self._buffer += piece
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
+        buf = bytearray(n)
+        with memoryview(buf) as view:
+            got = await self.readinto(view)
+        del buf[got:]
+        return bytes(buf)
 
 
 async def file_pieces(f: BinaryIO, piece_size: int) -> AsyncGenerator[bytes, None]:

@@ -158,7 +158,7 @@ def _quoted(etag: str) -> str:
     return '"' + etag.strip('"') + '"'
 
 
-def _md5(data: bytes) -> str:
+def _md5(data: bytes | bytearray) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
@@ -434,7 +434,7 @@ class S3Store(StoreBase):
         return await self._put_parts(key, source, if_match, if_none_match)
 
     async def _put_single(
-        self, key: str, data: bytes, if_match: str | None, if_none_match: bool
+        self, key: str, data: bytes | bytearray, if_match: str | None, if_none_match: bool
     ) -> ObjectInfo:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.full_key(key), "Body": data}
         if if_match is not None:
@@ -483,47 +483,74 @@ class S3Store(StoreBase):
     async def _put_parts(
         self, key: str, source: PartSource, if_match: str | None, if_none_match: bool
     ) -> ObjectInfo:
-        tokens = trio.Semaphore(self.concurrency)  # one per part in memory, but part 1
+        size = self.part_size
+        head_size = source.head_size
+        # Part buffers are bytearrays, reused once their part is up: botocore sends a bytearray
+        # body with one sendall() and checksums it in place (a bytes body becomes a BytesIO,
+        # read 16 KiB at a time), and reuse keeps the allocator from growing the heap.
+        tokens = trio.Semaphore(self.concurrency)  # one per part buffer in use, but part 1's
+        free: builtins.list[bytearray] = []
         async with contextlib.aclosing(source.pieces()) as pieces:
             reader = PartReader(pieces)
-            tail_size = self.part_size - source.head_size
-            first_tail = await reader.read(tail_size)
+            part1 = bytearray(size)
+            with memoryview(part1) as view, view[head_size:] as tail:
+                got1 = await reader.readinto(tail)
             await tokens.acquire()
-            second = await reader.read(self.part_size) if len(first_tail) == tail_size else b""
-            if not second:  # it all fits in one part: a plain PUT
+            second = bytearray()
+            got2 = 0
+            if got1 == size - head_size:
+                second = bytearray(size)
+                with memoryview(second) as view:
+                    got2 = await reader.readinto(view)
+            if not got2:  # it all fits in one part: a plain PUT
                 tokens.release()
-                head = await source.read_head()
-                return await self._put_single(key, head + first_tail, if_match, if_none_match)
+                part1[:head_size] = await source.read_head()
+                del part1[head_size + got1 :]
+                return await self._put_single(key, part1, if_match, if_none_match)
             if if_match is not None or if_none_match:
                 await self._precheck(key, if_match, if_none_match)
-            upload = await self._create_upload(key)
+            upload = await self._create_upload(key, checksum=True)
             try:
                 sizes: dict[int, int] = {}
+                checksums: dict[int, str] = {}
+
+                def part(number: int, data: bytearray) -> _Job:
+                    async def job() -> str:
+                        etag = await self._upload_part(upload, number, data, checksums)
+                        if len(data) == size:
+                            free.append(data)  # before its token is released (see run())
+                        return etag
+
+                    return job
 
                 async def produce(start: _Start) -> None:
                     start(0, partial(self._mark, upload), False)
-                    number, data = 2, second
-                    while data:
+                    number, data, got = 2, second, got2
+                    while got:
                         if number > MAX_PARTS:
                             raise StoreError(
                                 f"PUT {self.where(key)}: more than {MAX_PARTS} parts of "
-                                f"{self.part_size} bytes; use a larger part size"
+                                f"{size} bytes; use a larger part size"
                             )
-                        start(number, partial(self._upload_part, upload, number, data), True)
-                        sizes[number] = len(data)
-                        data = b""
+                        del data[got:]  # the last part may be short
+                        start(number, part(number, data), True)
+                        sizes[number] = got
                         await tokens.acquire()
-                        data = await reader.read(self.part_size)
-                        if not data:
+                        data = free.pop() if free else bytearray(size)
+                        with memoryview(data) as view:
+                            got = await reader.readinto(view)
+                        if not got:
                             tokens.release()
                         number += 1
-                    part1 = await source.read_head() + first_tail
+                    part1[:head_size] = await source.read_head()
                     sizes[1] = len(part1)
-                    start(1, partial(self._upload_part, upload, 1, part1), False)
+                    start(1, part(1, part1), False)
 
                 etags = await self._send_parts(produce, tokens)
-                size = sum(sizes.values())
-                return await self._complete(upload, etags, size, if_match, if_none_match)
+                size_total = sum(sizes.values())
+                return await self._complete(
+                    upload, etags, size_total, if_match, if_none_match, checksums
+                )
             except BaseException:
                 await self._abort(upload)
                 raise
@@ -566,29 +593,47 @@ class S3Store(StoreBase):
             raise failures[0]
         return etags
 
-    async def _create_upload(self, key: str) -> _Upload:
+    async def _create_upload(self, key: str, *, checksum: bool = False) -> _Upload:
+        """Start a multipart upload. ``checksum``: its parts carry CRC32s (as boto3's
+        upload_file sends them), so the server keeps a composite checksum built from the part
+        checksums instead of checksumming the whole object again at the complete."""
         full = self.full_key(key)
+        extra: dict[str, Any] = {"ChecksumAlgorithm": "CRC32"} if checksum else {}
         response = await self._call(
             "create_multipart",
             self.where(key),
-            lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full),
+            partial(self._client.create_multipart_upload, Bucket=self.bucket, Key=full, **extra),
         )
         return _Upload(key, full, response["UploadId"])
 
-    async def _upload_part(self, upload: _Upload, number: int, data: bytes) -> str:
-        response = await self._call(
+    async def _upload_part(
+        self,
+        upload: _Upload,
+        number: int,
+        data: bytes | bytearray,
+        checksums: dict[int, str] | None = None,
+    ) -> str:
+        """Upload one part; its ETag. With ``checksums`` (an upload created with
+        ``checksum=True``) the part carries a CRC32, which is recorded there for the complete."""
+        # botocore takes a bytearray body as it is (its type stubs say bytes only)
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": upload.full_key,
+            "UploadId": upload.upload_id,
+            "PartNumber": number,
+            "Body": data,
+        }
+        if checksums is not None:
+            params["ChecksumAlgorithm"] = "CRC32"
+        response: Any = await self._call(
             "upload_part",
             f"{self.where(upload.key)} part {number}",
-            lambda: self._client.upload_part(
-                Bucket=self.bucket,
-                Key=upload.full_key,
-                UploadId=upload.upload_id,
-                PartNumber=number,
-                Body=data,
-            ),
+            partial(self._client.upload_part, **params),
             sent=len(data),
         )
-        return response["ETag"]
+        if checksums is not None and response.get("ChecksumCRC32"):
+            checksums[number] = response["ChecksumCRC32"]
+        return str(response["ETag"])
 
     async def _complete(
         self,
@@ -597,14 +642,19 @@ class S3Store(StoreBase):
         size: int,
         if_match: str | None,
         if_none_match: bool,
+        checksums: dict[int, str] | None = None,
     ) -> ObjectInfo:
+        parts: builtins.list[dict[str, Any]] = []
+        for n in sorted(etags):
+            part: dict[str, Any] = {"PartNumber": n, "ETag": etags[n]}
+            if checksums and n in checksums:
+                part["ChecksumCRC32"] = checksums[n]
+            parts.append(part)
         params: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": upload.full_key,
             "UploadId": upload.upload_id,
-            "MultipartUpload": {
-                "Parts": [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
-            },
+            "MultipartUpload": {"Parts": parts},
         }
         if if_match is not None:
             params["IfMatch"] = _quoted(if_match)
