@@ -420,12 +420,15 @@ class Sharing:
     # -- walking files ----------------------------------------------------------------------
 
     async def _walk(self, folder: str) -> tuple[list[ObjectInfo], list[str]]:
-        """(files, sub-folders with a policy object) under ``folder``; internal names skipped."""
+        """(files, sub-folders with a policy object) under ``folder``; internal names and
+        folder markers (``dir/``, what mkdir in a mount writes) skipped."""
         listing = await self.store.list(f"{folder}/" if folder else "")
         files: list[ObjectInfo] = []
         policy_folders: list[str] = []
         for obj in listing.objects:
             name = obj.key.rpartition("/")[2]
+            if not name:
+                continue  # a folder marker: nothing to share
             if name == POLICY_NAME and not is_internal(folder_of(obj.key)):
                 sub = folder_of(obj.key)
                 if sub != folder:

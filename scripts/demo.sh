@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A first run of cssfs on a fresh Debian machine: installs what it needs (scripts/bootstrap.sh),
-# then shows the main job with two people, alice and bob, each with their own identity in a
-# throw-away directory -- your own identity (~/.config/cssfs) is never touched.
+# then shows the main job with alice, bob and carol, each with their own identity in a
+# throw-away directory -- your own identity (~/.config/cssfs) is never touched: encrypting a
+# file for someone, mounting a store (here a local folder standing in for an S3 bucket), and
+# sharing a folder of it so that bob reads alice's file through his own mount.
 #
 #   bash scripts/demo.sh
 set -euo pipefail
@@ -23,8 +25,11 @@ as() {
 }
 
 step "alice and bob each make an identity (cssfs keygen)"
-alice=$(as alice "$cssfs" keygen --no-passphrase | head -n 1)
-bob=$(as bob "$cssfs" keygen --no-passphrase | head -n 1)
+as alice "$cssfs" keygen --no-passphrase >/dev/null
+as bob "$cssfs" keygen --no-passphrase >/dev/null
+# `cssfs whoami` prints the recipient string (line 1) and the fingerprint (line 2).
+alice=$(as alice "$cssfs" whoami | sed -n 1p)
+bob=$(as bob "$cssfs" whoami | sed -n 1p)
 echo "alice: $alice"
 echo "bob:   $bob"
 
@@ -57,8 +62,9 @@ test ! -e "$demo/sample.carol.txt"
 step "alice mounts a local folder as her encrypted store (cssfs mount), copies a file in, reads it back"
 store=$demo/store
 mnt=$demo/mnt
-mkdir -p "$store" "$mnt"
-trap 'fusermount3 -u -z "$mnt" 2>/dev/null || true; rm -rf "$demo"' EXIT
+bobmnt=$demo/bobmnt
+mkdir -p "$store" "$mnt" "$bobmnt"
+trap 'for m in "$mnt" "$bobmnt"; do fusermount3 -u -z "$m" 2>/dev/null || true; done; rm -rf "$demo"' EXIT
 as alice "$cssfs" mount "$store" "$mnt"
 cp "$sample" "$mnt/sample.txt"
 cmp "$sample" "$mnt/sample.txt"
@@ -73,6 +79,26 @@ fi
 as alice "$cssfs" mount "$store" "$mnt"
 cmp "$sample" "$mnt/sample.txt"
 echo "mounted again: the file reads back identical"
+
+step "alice shares a folder with bob (cssfs share): files there are encrypted for both of them"
+mkdir "$mnt/shared"
+as alice "$cssfs" share "$mnt/shared" bob
+echo "Meeting moved to 10:00. -- alice" >"$mnt/shared/note.txt"
+as alice "$cssfs" sync "$mnt"   # returns once the file is in the store
+as alice "$cssfs" access "$mnt/shared"
+
+step "bob mounts the same store with his own identity and reads the file with plain cat"
+as bob "$cssfs" mount "$store" "$bobmnt"
+cat "$bobmnt/shared/note.txt"
+echo "who wrote it and for whom (extended attributes):"
+(cd "$bobmnt/shared" && getfattr -d -m user.cssfs note.txt)
+ls -l "$bobmnt"
+if cat "$bobmnt/sample.txt" >/dev/null 2>&1; then
+    echo "demo: bob should not be able to open alice's private sample.txt" >&2
+    exit 1
+fi
+echo "bob sees alice's private sample.txt listed, but opening it fails (Permission denied)"
+as bob "$cssfs" umount "$bobmnt"
 as alice "$cssfs" umount "$mnt"
 
 printf '\ndemo: all steps passed\n'

@@ -324,3 +324,16 @@ async def test_share_refuses_a_policy_no_file_could_be_written_under() -> None:
     assert [o.key for o in (await store.list("d/")).objects] == ["d/x.txt"]  # no policy
     report = await sharing.share("d", many[:42])  # 43 stanzas: fits
     assert report.changed == ["d/x.txt"] and not report.failed
+
+
+async def test_share_and_access_skip_folder_markers(tmp_path: Path) -> None:
+    """mkdir in a mount writes a marker object ``shared/``: not a file not to share."""
+    store = MemoryStore("b")
+    async with client(store, ALICE, tmp_path / "alice", contacts={"bob": BOB}) as alice:
+        await alice.fs.mkdir("shared")
+        await alice.fs.write_file("shared/a.txt", b"a")
+        await alice.journal.flush()
+        report = await alice.sharing.share("shared", [BOB.recipient])
+        assert report.changed == ["shared/a.txt"] and not report.foreign
+        access = await alice.sharing.access("shared")
+        assert [f.key for f in access.files] == ["shared/a.txt"]
