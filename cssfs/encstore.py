@@ -81,8 +81,8 @@ log = logging.getLogger(__name__)
 
 #: Chunks opened inline on the trio loop; more go to a worker thread.
 INLINE_CHUNKS = 2
-#: Chunks sealed per worker-thread hop when uploading (8 MiB).
-SEAL_BATCH_CHUNKS = 128
+#: Chunks sealed per worker-thread hop when uploading (2 MiB; the buffers are reused).
+SEAL_BATCH_CHUNKS = 32
 #: Most chunks fetched by one coalesced ranged GET (1 MiB).
 MAX_COALESCE_CHUNKS = 16
 #: Default sequential read-ahead window.
@@ -255,41 +255,46 @@ class _Sealer:
     therefore never holds a CPU token while it waits -- which could deadlock the readers that
     need one. Calls are sequential; ``header``/``table`` are set once the last chunk is sealed.
     One byte of look-ahead tells whether the batch ends the file.
+
+    Its two buffers -- one batch of plaintext (plus the look-ahead byte) and its ciphertext --
+    are allocated once and refilled: ``seal_batch`` returns a view of the ciphertext that stays
+    valid until the next call (the store contract lets a PartSource reuse its pieces).
     """
 
-    def __init__(self, writer: EnvelopeWriter, source: PlainSource) -> None:
+    def __init__(
+        self, writer: EnvelopeWriter, source: PlainSource, batch_chunks: int = SEAL_BATCH_CHUNKS
+    ) -> None:
         self._writer = writer
         self.in_memory = isinstance(source, (bytes, bytearray, memoryview))
         if isinstance(source, (bytes, bytearray, memoryview)):
             self._src: BinaryIO = io.BytesIO(source)
         else:
             self._src = source
-        self._plain = bytearray()
+        self._batch = batch_chunks * CHUNK_SIZE
+        self._plain = bytearray(self._batch + 1)
+        self._have = 0  # plaintext bytes in _plain
+        self._out = bytearray(batch_chunks * (CHUNK_SIZE + TAG_SIZE))
         self._eof = False
         self.done = False
         self.header = b""
         self.table = b""
         self.plain_bytes = 0
 
-    def read_batch(self, max_chunks: int = SEAL_BATCH_CHUNKS) -> int:
-        """Read the next batch (up to ``max_chunks`` chunks, plus one byte of look-ahead kept
-        for the next batch); the plaintext bytes it holds."""
-        want = max_chunks * CHUNK_SIZE + 1
-        have = len(self._plain)
-        if have < want:
-            self._plain.extend(bytes(want - have))
-            with memoryview(self._plain) as view, view[have:] as free:
-                got = _read_full(self._src, free)
-            del self._plain[have + got :]
-            self._eof = have + got < want
-        return min(len(self._plain), max_chunks * CHUNK_SIZE)
+    def read_batch(self) -> int:
+        """Read the next batch (plus one byte of look-ahead kept for the next batch); the
+        plaintext bytes it holds."""
+        if not self._eof and self._have < len(self._plain):
+            with memoryview(self._plain) as view, view[self._have :] as free:
+                self._have += _read_full(self._src, free)
+            self._eof = self._have < len(self._plain)
+        return min(self._have, self._batch)
 
-    def seal_batch(self, max_chunks: int = SEAL_BATCH_CHUNKS) -> bytes:
-        """Ciphertext of the batch read last (the last batch sets ``done``)."""
-        n = len(self._plain) if self._eof else max_chunks * CHUNK_SIZE
+    def seal_batch(self) -> memoryview:
+        """Ciphertext of the batch read last (the last batch sets ``done``), as a view of a
+        buffer the next call overwrites."""
+        n = self._have if self._eof else self._batch
         count = max(1, -(-n // CHUNK_SIZE))
-        out = bytearray(n + count * TAG_SIZE)
-        with memoryview(self._plain) as src, memoryview(out) as dst:
+        with memoryview(self._plain) as src, memoryview(self._out) as dst:
             pos = 0
             for i in range(count):
                 length = min(CHUNK_SIZE, n - i * CHUNK_SIZE)
@@ -299,12 +304,15 @@ class _Sealer:
                     last = self._eof and i == count - 1
                     self._writer.seal_chunk_into(piece, sealed, last=last)
                 pos += length + TAG_SIZE
-        del self._plain[:n]
         self.plain_bytes += n
         if self._eof:
+            self._have = 0
             self.header, self.table = self._writer.finish()
             self.done = True
-        return bytes(out)
+        else:  # the look-ahead byte starts the next batch
+            self._plain[0] = self._plain[n]
+            self._have = 1
+        return memoryview(self._out)[:pos]
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -781,9 +789,10 @@ class EncryptedStore:
 
     async def _sealed(
         self, sealer: _Sealer, update: Callable[[int], object] | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[memoryview]:
         """The ciphertext of the source, batch by batch: read in a worker thread (or inline for
-        bytes in memory), sealed in a worker thread behind the CPU limiter."""
+        bytes in memory), sealed in a worker thread behind the CPU limiter. Each batch is a view
+        of the sealer's buffer, valid until the next one is asked for."""
         while not sealer.done:
             if sealer.in_memory:
                 n = sealer.read_batch()
@@ -805,7 +814,7 @@ class EncryptedStore:
         if_none_match: bool,
         update: Callable[[int], object] | None,
     ) -> ObjectInfo:
-        async def rest() -> AsyncIterator[bytes]:
+        async def rest() -> AsyncIterator[bytes | memoryview]:
             async for batch in self._sealed(sealer, update):
                 yield batch
             yield sealer.table
