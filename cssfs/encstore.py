@@ -59,9 +59,10 @@ from cssfs.envelope import (
     chunk_range,
     chunks_for,
     object_binding,
-    open_header,
+    open_any,
     parse_header,
     plain_size,
+    read_full,
     table_range,
     verify_signature,
 )
@@ -73,6 +74,7 @@ from cssfs.errors import (
     PayloadError,
     SignatureError,
     TruncatedError,
+    first_error,
 )
 from cssfs.keys import Identity, Recipient, writer_fingerprint
 from cssfs.store.base import Listing, ObjectInfo, ObjectStore, PartSource
@@ -196,23 +198,6 @@ class _OpenState:
         self.info = info
 
 
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first leaf that is not a Cancelled (or the first leaf): nurseries here run a few
-    tasks of one operation, and a caller wants that operation's one error, not a group."""
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            stack[:0] = list(exc.exceptions)
-        else:
-            leaves.append(exc)
-    for exc in leaves:
-        if not isinstance(exc, trio.Cancelled):
-            return exc
-    return leaves[0]
-
-
 @asynccontextmanager
 async def _nursery() -> AsyncIterator[trio.Nursery]:
     """A nursery whose failure surfaces as its first real error instead of an ExceptionGroup."""
@@ -220,30 +205,12 @@ async def _nursery() -> AsyncIterator[trio.Nursery]:
         async with trio.open_nursery() as nursery:
             yield nursery
     except BaseExceptionGroup as group:
-        leaf = _first_error(group)
-        if isinstance(leaf, (KeyboardInterrupt, SystemExit)):
+        if group.subgroup((KeyboardInterrupt, SystemExit)) is not None:
             raise
-        raise leaf from None
+        raise first_error(group) from None
 
 
 # -- the sealing side (worker threads) --------------------------------------------------------
-
-
-def _read_full(src: BinaryIO, buf: memoryview) -> int:
-    """Fill ``buf`` from ``src`` (short reads retried); the count read (< len only at EOF)."""
-    total = 0
-    readinto = getattr(src, "readinto", None)
-    while total < len(buf):
-        if readinto is not None:
-            n = readinto(buf[total:])
-        else:
-            data = src.read(len(buf) - total)
-            n = len(data)
-            buf[total : total + n] = data
-        if not n:
-            break
-        total += n
-    return total
 
 
 class _Sealer:
@@ -285,7 +252,7 @@ class _Sealer:
         plaintext bytes it holds."""
         if not self._eof and self._have < len(self._plain):
             with memoryview(self._plain) as view, view[self._have :] as free:
-                self._have += _read_full(self._src, free)
+                self._have += read_full(self._src, free)
             self._eof = self._have < len(self._plain)
         return min(self._have, self._batch)
 
@@ -446,17 +413,7 @@ class EncryptedStore:
 
     def _open_header(self, header: Header | bytes, binding: bytes | None) -> OpenedEnvelope:
         """open_header with the first of our identities (own, then groups) the header names."""
-        parsed = header if isinstance(header, Header) else parse_header(header)
-        first: HeaderAuthError | None = None
-        for identity in self.identities:
-            if identity.recipient.key_id in parsed.key_ids:
-                try:
-                    return open_header(parsed, identity, binding=binding)
-                except HeaderAuthError as exc:  # key-id collision or tampering: try the next
-                    first = first or exc
-        if first is not None:
-            raise first
-        raise NoIdentityMatchError("the file is not encrypted for this identity")
+        return open_any(header, self.identities, binding=binding)[0]
 
     def _header_info(
         self, key: str, etag: str, data: bytes
