@@ -364,29 +364,32 @@ class Groups:
         """The group's current public recipient, from its trusted record."""
         return (await self.record(name))[0].recipient
 
-    async def keys(self, name: str) -> GroupKeys:
-        """Our keys of group ``name``; NoIdentityMatchError if we are not a member."""
-        key = member_key(name, self.identity.recipient.key_id)
+    async def _open_object(self, key: str, identity: Identity, missing: CssfsError) -> bytes:
+        """The payload of the small envelope ``key``, opened with ``identity`` (in a worker
+        thread); ``missing`` is raised if there is no such object."""
         try:
             data = await self.store.get(key)
         except NoSuchObjectError:
-            raise NoIdentityMatchError(f"you are not a member of group {name!r}") from None
+            raise missing from None
         payload, _ = await trio.to_thread.run_sync(
-            lambda: open_bytes(data, self.identity, binding=self._binding(key))
+            lambda: open_bytes(data, identity, binding=self._binding(key))
         )
-        keys = parse_group_keys(payload)
+        return payload
+
+    async def keys(self, name: str) -> GroupKeys:
+        """Our keys of group ``name``; NoIdentityMatchError if we are not a member."""
+        key = member_key(name, self.identity.recipient.key_id)
+        keys = parse_group_keys(await self._open_object(
+            key, self.identity, NoIdentityMatchError(f"you are not a member of group {name!r}")
+        ))
         if keys.name != name:
             raise FormatError(f"group keys {key} belong to another group")
         return keys
 
     async def roster(self, name: str, keys: GroupKeys) -> list[Recipient]:
         key = roster_key(name)
-        try:
-            data = await self.store.get(key)
-        except NoSuchObjectError:
-            raise FormatError(f"group {name!r} has no roster ({key})") from None
-        payload, _ = await trio.to_thread.run_sync(
-            lambda: open_bytes(data, keys.current, binding=self._binding(key))
+        payload = await self._open_object(
+            key, keys.current, FormatError(f"group {name!r} has no roster ({key})")
         )
         return parse_roster(payload, name)
 
