@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_SIZE = 256 * 1024 * 1024
 DEFAULT_LIST_TTL = 2.0
 MAX_RETRY_PAUSE_S = 60.0
+#: How often the upload queue is reported to the service manager (STATUS=), when it changed.
+STATUS_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class Daemon:
         self.encstore = encstore
         self.started = time.time()
         self.serving = False  # pyfuse3.main is running (terminate() is allowed)
+        self.stopping = False  # a signal or an unmount: uploading what is pending, then exit
         self.signals = 0
         self.abandoned = False  # a second signal: stop waiting for uploads
         self._flush_scopes: set[trio.CancelScope] = set()
@@ -138,6 +141,30 @@ class Daemon:
                     pause = min(pause * 2, MAX_RETRY_PAUSE_S)
                 finally:
                     self._flush_scopes.discard(scope)
+
+    def status_line(self) -> str:
+        """The one-line STATUS= for the service manager: the upload queue, as rclone does."""
+        stats = self.journal.stats()
+        if stats.pending or stats.deleting:
+            files = "file" if stats.pending == 1 else "files"
+            text = (f"{stats.pending} {files} waiting for upload ({stats.pending_bytes} bytes), "
+                    f"{stats.in_flight} in flight")
+            if stats.deleting:
+                text += f", {stats.deleting} deletes waiting"
+        else:
+            text = f"serving {self.encstore.store.url} at {self.cfg.mountpoint}"
+            if self.stopping:
+                text = "all files uploaded"
+        if stats.failures:
+            reasons = sorted(set(stats.failures.values()))
+            reason = ("store unreachable" if any(r.startswith("StoreUnavailableError")
+                                                  for r in reasons) else reasons[0])
+            text += f"; {len(stats.failures)} failing ({reason})"
+        if stats.conflicts:
+            text += f"; {stats.conflicts} conflict copies"
+        if stats.broken:
+            text += f"; {stats.broken} damaged journal entries set aside"
+        return f"stopping: {text}" if self.stopping else text
 
     def abandon(self) -> None:
         self.abandoned = True
@@ -351,7 +378,8 @@ async def _watch_signals(daemon: Daemon, nursery: trio.Nursery) -> None:
             daemon.signals += 1
             if daemon.signals == 1:
                 log.info("signal %d: uploading pending files, then unmounting", signum)
-                service.notify("STOPPING=1\nSTATUS=uploading pending files")
+                daemon.stopping = True  # STOPPING=1 once the uploads are done (serve)
+                service.status(daemon.status_line())
                 if daemon.serving:
                     nursery.start_soon(_flush_then_terminate, daemon)
                 continue
@@ -371,6 +399,17 @@ async def _flush_then_terminate(daemon: Daemon) -> None:
     if daemon.serving:
         daemon.serving = False
         pyfuse3.terminate()
+
+
+async def _report_status(daemon: Daemon, last: str) -> None:
+    """Tell the service manager about the upload queue (STATUS=) whenever it changed from
+    ``last``."""
+    while True:
+        line = daemon.status_line()
+        if line != last:
+            service.status(line)
+            last = line
+        await trio.sleep(STATUS_INTERVAL_S)
 
 
 async def _watchdog(interval: float) -> None:
@@ -469,7 +508,10 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
             if interval is not None:
                 nursery.start_soon(_watchdog, interval)
             daemon.serving = True
-            service.notify(f"READY=1\nSTATUS=serving {store.url} at {mountpoint}")
+            ready = daemon.status_line()
+            service.notify(f"READY=1\nSTATUS={ready}")
+            if os.environ.get(service.NOTIFY_ENV):
+                nursery.start_soon(_report_status, daemon, ready)
             log.info("mounted %s at %s", store.url, mountpoint)
             await pyfuse3.main()
         except BaseException:
@@ -477,14 +519,21 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
             pyfuse3.close(unmount=False)
             raise
         daemon.serving = False
-        service.notify("STOPPING=1\nSTATUS=uploading pending files")
+        daemon.stopping = True
+        # Nothing serves the mount any more: unmount it before the uploads below, which may
+        # retry for as long as the store is away -- a mount left behind would hang everyone
+        # who touches it. (After a signal the uploads ran while serving; after an unmount by
+        # the kernel it is gone already.)
+        pyfuse3.close(unmount=True)
         try:
             await daemon.flush_all(until_done=True)
         finally:
-            pyfuse3.close(unmount=True)
             left = journal.stats().pending
             if left:
                 log.warning("%d file(s) not uploaded yet stay in the journal %s and are "
                             "uploaded at the next mount of %s", left, journal.directory,
                             store.url)
+                service.status(f"stopped: {left} file(s) not uploaded yet stay in the journal "
+                               "for the next mount")
+            service.notify("STOPPING=1")  # only now: the files closed are in the store
         log.info("unmounted %s", mountpoint)
