@@ -23,6 +23,12 @@ right). If a conditional request is retried after its first attempt succeeded bu
 lost, the retry gets 412; the store then checks whether the object's ETag is the one its own body
 would have (MD5, or MD5 of part MD5s) and, if so, reports success.
 
+Payload signing is off (``UNSIGNED-PAYLOAD``, what botocore already sends over HTTPS when a
+checksum goes with the body). Over plain HTTP botocore would otherwise hash every body with
+SHA-256 for the request signature -- a second pass over all the data, which buys nothing here:
+the CRC32 checksums still catch damage in transit, and what cssfs stores is authenticated end to
+end (envelopes are GCM-sealed and signed; a changed object fails when it is read).
+
 Upload markers. Every multipart upload this store starts is marked by an empty object
 ``<prefix>.cssfs-uploads/<upload_marker_name>``, put alongside its first parts (a failure to put
 it is logged at DEBUG and does not stop the upload). S3 lists incomplete uploads with neither
@@ -239,7 +245,7 @@ class S3Store(StoreBase):
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             retries={"mode": "standard", "total_max_attempts": 1},  # ours are the only retries
-            s3={"addressing_style": addressing},
+            s3={"addressing_style": addressing, "payload_signing_enabled": False},
             user_agent_extra=f"cssfs/{__version__}",
         )
         try:
