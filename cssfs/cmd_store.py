@@ -371,7 +371,9 @@ def _get(args: argparse.Namespace) -> None:
                 with _atomic_output(dest) as f, Progress(
                     _plain_size_or_none(obj.size), str(dest), sys.stderr
                 ) as progress:
-                    info = await es.get_to(key, f, progress=progress)
+                    info = await es.get_to(
+                        key, f, progress=progress, etag=obj.etag, cipher_size=obj.size
+                    )
                     _apply_metadata(f, info)
             except CssfsError as exc:
                 raise about(loc.where(key), exc) from None

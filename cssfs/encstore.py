@@ -180,7 +180,8 @@ class _Segment:
     """get_to: one ranged GET's worth of plaintext, ready when ``done`` is set."""
 
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytearray | None = None
+    data: bytearray | None = None  # a pooled buffer holding ``length`` bytes of plaintext
+    length: int = 0
 
 
 class _OpenState:
@@ -645,15 +646,28 @@ class EncryptedStore:
             log.debug("object %s: read-ahead of chunks %d-%d failed: %s",
                       state.key, mine[0], mine[-1], exc)
 
-    async def get_to(self, key: str, dst: BinaryIO, *, progress: object = None) -> HeaderInfo:
+    async def get_to(
+        self,
+        key: str,
+        dst: BinaryIO,
+        *,
+        progress: object = None,
+        etag: str | None = None,
+        cipher_size: int | None = None,
+    ) -> HeaderInfo:
         """Write the whole plaintext of ``key`` to ``dst``; what its header says.
 
         A few ranged GETs run in parallel (bounded memory); a chunk's plaintext is written only
         after its table entry and GCM tag verified. Bypasses the chunk cache. ``progress``, if
-        given, has ``update(n)``. On error part of the plaintext may have been written: callers
+        given, has ``update(n)``. ``etag``/``cipher_size`` (from a HEAD or a listing the caller
+        made) save open's HEAD. On error part of the plaintext may have been written: callers
         write to a temporary file and remove it on failure.
+
+        Each segment is decrypted in a worker thread into a plaintext buffer that goes back to
+        a small pool once written, so memory is ~ (GET_TO_PARALLEL + 1) segments of ciphertext
+        and as many of plaintext, allocated once.
         """
-        f = await self.open(key)
+        f = await self.open(key, etag=etag, cipher_size=cipher_size)
         state = f.state
         count = state.envelope.chunk_count
         segments = [
@@ -663,18 +677,26 @@ class EncryptedStore:
         send, recv = trio.open_memory_channel[_Segment](GET_TO_PARALLEL - 1)
         update = getattr(progress, "update", None)
         written = 0
+        pool: builtins.list[bytearray] = []
+        buffer_size = min(GET_TO_SEGMENT_CHUNKS * CHUNK_SIZE, f.size)
 
         async def fetch_segment(seg: range, out: _Segment) -> None:
             start, data = await self._get_run(state, seg.start, seg.stop)
+            buf = pool.pop() if pool else bytearray(buffer_size)
             try:
-                out.data = await trio.to_thread.run_sync(
-                    _open_run_into, state.envelope, seg.start, seg.stop, data, start,
+                out.length = await trio.to_thread.run_sync(
+                    _open_run_into, state.envelope, seg.start, seg.stop, data, start, buf,
                     limiter=self.cpu_limiter,
                 )
             except PayloadError as exc:
                 self._warn(state.key, state.etag, str(exc))
                 raise
+            out.data = buf
             out.done.set()
+
+        def write(buf: bytearray, length: int) -> None:
+            with memoryview(buf) as view, view[:length] as plain:
+                dst.write(plain)
 
         async def produce(nursery: trio.Nursery) -> None:
             async with send:
@@ -688,14 +710,15 @@ class EncryptedStore:
             async with recv:
                 async for segment in recv:
                     await segment.done.wait()
-                    data = segment.data
+                    data, length = segment.data, segment.length
                     assert data is not None
                     segment.data = None
-                    if data:
-                        await trio.to_thread.run_sync(dst.write, data)
-                    written += len(data)
+                    if length:
+                        await trio.to_thread.run_sync(write, data, length)
+                    pool.append(data)
+                    written += length
                     if callable(update):
-                        update(len(data))
+                        update(length)
         await trio.to_thread.run_sync(dst.flush)
         if written != f.size:
             raise AssertionError("encstore: internal error: get_to wrote the wrong size")
@@ -970,22 +993,22 @@ def _open_run(
 
 
 def _open_run_into(
-    envelope: OpenedEnvelope, first: int, stop: int, data: bytes, base: int
-) -> bytearray:
-    """The plaintext of chunks [first, stop) from ``data`` (which starts at envelope offset
-    ``base``), decrypted into one buffer; the first chunk that does not verify raises (and the
-    buffer, which holds nothing unverified, is dropped)."""
+    envelope: OpenedEnvelope, first: int, stop: int, data: bytes, base: int, out: bytearray
+) -> int:
+    """Decrypt the chunks [first, stop) from ``data`` (which starts at envelope offset
+    ``base``) into the start of ``out``; the plaintext length. The first chunk that does not
+    verify raises (``out`` then holds nothing unverified: open_chunk_into zeroes a chunk whose
+    tag fails, and a chunk whose table entry fails is never decrypted)."""
     size = envelope.header.plain_size
     plain_start = first * CHUNK_SIZE
-    plain_end = min(stop * CHUNK_SIZE, size)
-    out = bytearray(plain_end - plain_start)
+    length_total = min(stop * CHUNK_SIZE, size) - plain_start
     with memoryview(data) as src, memoryview(out) as dst:
         for i in range(first, stop):
             off, length = chunk_range(i, size)
             p = i * CHUNK_SIZE - plain_start
             with src[off - base : off - base + length] as ct, dst[p : p + length - TAG_SIZE] as pt:
                 envelope.open_chunk_into(i, ct, pt)
-    return out
+    return length_total
 
 
 class EncryptedFile:
