@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,18 @@ class Ctx:
         cleanup.push("bench data folder", lambda: shutil.rmtree(self.data, ignore_errors=True))
         cleanup.push("bench work folder", lambda: shutil.rmtree(self.work, ignore_errors=True))
         self.systems: list[str] | None = None  # --systems: a subset for the fs suites
+        self.logs = repo / "bench-results" / "logs"  # main sets it under --out
         self._files: dict[tuple[str, int], tuple[Path, str]] = {}
         self._s3: Any = None
         self._cssfs: Any = None
+
+    def keep_log(self, path: Path) -> Path:
+        """Copy a daemon's log out of the work folder (which is deleted) into the results."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.report.started))
+        dest = self.logs / f"{stamp}-{path.name}"
+        shutil.copyfile(path, dest)
+        return dest
 
     def data_file(self, name: str, size: int) -> tuple[Path, str]:
         """A random file of ``size`` bytes on the data folder, made once; (path, sha256)."""

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Ctx(repo, report, cleanup, quick=args.quick, runs=runs, workdir=args.workdir,
                   datadir=args.datadir)
         ctx.systems = args.systems.split(",") if args.systems else None
+        ctx.logs = out_dir / "logs"
         try:
             for name in names:
                 log(f"suite {name}: start")

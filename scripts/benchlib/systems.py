@@ -106,7 +106,9 @@ class System:
             pass
         code = m.stop()
         if code not in (0, None):
-            self.ctx.report.note(f"{self.label} exited with {code} at unmount: {m.tail(3)}")
+            kept = self.ctx.keep_log(m.log_path)
+            self.ctx.report.error(f"{self.label} exited with {code} at unmount: {m.tail(2)} "
+                                  f"(log: {kept})")
         self._after_stop()
 
     def _after_stop(self) -> None:
@@ -150,8 +152,11 @@ class CssfsSystem(System):
         return envelope.envelope_size(plain)
 
     def _argv_env(self, mnt: Path, endpoint: str) -> tuple[list[str], dict[str, str]]:
+        # --debug-module cssfs.cli: only the CLI's own debug lines, i.e. the traceback of an
+        # internal error, land in the daemon's log (kept in bench-results/logs/ on failure).
         argv = self.cli.argv("mount", f"s3://{self.bucket}", str(mnt), "--foreground",
-                             "--endpoint-url", endpoint, "--path-style", *self.extra)
+                             "--endpoint-url", endpoint, "--path-style",
+                             "--debug-module", "cssfs.cli", *self.extra)
         return argv, self.cli.env(s3_env(endpoint))
 
     def _wait_uploaded(self, mount: Mount, paths: Sequence[Path],
