@@ -99,6 +99,9 @@ MAX_BACKOFF_PERMANENT_S = 300.0
 _MAX_RECHECKS = 5
 _MAX_REMEMBERED = 10_000
 _INLINE_CHUNKS = 2
+#: How long a commit waits for the store to say who a file is for (its folder's policy) before
+#: it seals the file for us alone; the recipients are added before the upload.
+RECIPIENTS_WAIT_S = 2.0
 #: Chunks sealed per worker-thread hop at commit (2 MiB).
 SEAL_BATCH_CHUNKS = 32
 
@@ -680,13 +683,16 @@ class Journal:
         # subset of whatever the folder's policy says; the policy's recipients are added to the
         # header (a reseal) before the upload, which needs the store anyway.
         recipients: Sequence[Recipient] = ()
-        unresolved = self._unreachable
-        if not unresolved:
-            try:
-                recipients = await self._enc.recipients_of(key)
-            except StoreUnavailableError as exc:
-                log.info("journal: %s; sealing for us alone until the store answers", exc)
-                self._unreachable = unresolved = True
+        unresolved = True
+        if not self._unreachable:
+            # Cancelling the lookup is safe: the policy cache changes only once answers are in.
+            with trio.move_on_after(RECIPIENTS_WAIT_S):
+                try:
+                    recipients = await self._enc.recipients_of(key)
+                    unresolved = False
+                except StoreUnavailableError as exc:
+                    log.info("journal: %s; sealing for us alone until the store answers", exc)
+                    self._unreachable = True
         writer = EnvelopeWriter(
             self._identity, recipients, binding=self._enc.binding_for(key), mtime_ns=mtime_ns,
             mode=mode & 0o7777,

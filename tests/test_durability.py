@@ -14,8 +14,10 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,8 +68,8 @@ class World:
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
         return {item["Key"] for page in pages for item in page.get("Contents", ())}
 
-    def plaintext(self) -> dict[str, bytes]:
-        """Every file in the bucket, decrypted here (folder markers left out)."""
+    def plaintext(self, identity: Any = None) -> dict[str, bytes]:
+        """Every file in the bucket, decrypted here with ``identity`` (default: ours)."""
         from cssfs.encstore import EncryptedStore
         from cssfs.store.url import open_store
 
@@ -75,11 +77,11 @@ class World:
             store = open_store(f"s3://{self.bucket}", endpoint_url=self.endpoint,
                                path_style=True)
             async with store:
-                enc = EncryptedStore(store, self.identity)
+                enc = EncryptedStore(store, identity or self.identity)
                 out = {}
                 for entry in await enc.list("", delimiter=None):
-                    if entry.is_dir or entry.key.endswith("/"):
-                        continue
+                    if entry.is_dir or entry.key.endswith("/") or ".cssfs-" in entry.key:
+                        continue  # folders, markers, cssfs's bookkeeping (mtime records)
                     buf = io.BytesIO()
                     await enc.get_to(entry.key, buf)
                     out[entry.key] = buf.getvalue()
@@ -291,3 +293,66 @@ def test_full_journal_disk_fails_the_close_and_keeps_the_rest(world: World,
         "after": b"there is room again"}
     assert "big" not in stored or stored["big"] != src.read_bytes()
 
+
+
+# -- two writers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_two_mounts_writing_one_file_keep_both_versions(world: World) -> None:
+    """Two mounts of one bucket (own journals, own identities, each encrypting for the other).
+    The same file changed on both from one base -- one mount's upload held until the other's
+    landed -- and a new file created on both at the same moment: every version survives, the
+    losing one as a conflict copy, and ``cssfs status`` and the log say so."""
+    a_id = world.identity
+    b_path = world.tmp / "identity-b"
+    b_id = make_identity(b_path)
+    direct = ["--endpoint-url", world.endpoint, "--path-style", "--list-ttl", "600"]
+    with mounted(f"s3://{world.bucket}", world.tmp / "a", world.identity_path,
+                 args=[*world.args, "-r", b_id.recipient.to_string()],
+                 state_home=world.tmp / "state-a") as a:
+        a.allow(NOISE)
+        a.path("doc.txt").write_bytes(b"base")
+        a.sync()
+        with mounted(f"s3://{world.bucket}", world.tmp / "b", b_path,
+                     args=[*direct, "-r", a_id.recipient.to_string()],
+                     state_home=world.tmp / "state-b") as b:
+            b.allow(NOISE)
+            assert b.path("doc.txt").read_bytes() == b"base"
+            with world.proxy.outage():  # a's upload waits until b's has landed
+                a.path("doc.txt").write_bytes(b"edited on a")
+                b.path("doc.txt").write_bytes(b"edited on b")
+                b.sync()
+            a.sync()
+
+            barrier = threading.Barrier(2)
+
+            def create(m: Mount, text: bytes) -> None:
+                barrier.wait()
+                m.path("new.txt").write_bytes(text)
+
+            writers = [threading.Thread(target=create, args=(m, b"new from " + n))
+                       for m, n in ((a, b"a"), (b, b"b"))]
+            for t in writers:
+                t.start()
+            for t in writers:
+                t.join()
+            a.sync()
+            b.sync()
+            statuses = {"a": a.status()["journal"], "b": b.status()["journal"]}
+            logs = a.stderr() + b.stderr()
+
+    copies = {m: s["conflict_copies"] for m, s in statuses.items()}
+    assert statuses["a"]["conflicts"] + statuses["b"]["conflicts"] == 2, copies
+    doc_copy = [c for _, c in copies["a"] if c.startswith("doc.")]
+    assert len(doc_copy) == 1 and ["doc.txt", doc_copy[0]] in copies["a"]
+    assert re.fullmatch(r"doc\.conflict-\d{8}-\d{6}-[0-9a-f]{4}\.txt", doc_copy[0])
+    [(new_key, new_copy)] = [c for s in copies.values() for c in s if c[0] == "new.txt"]
+    for key, copy in (("doc.txt", doc_copy[0]), (new_key, new_copy)):
+        assert f"{key} was changed by another writer; keeping ours as {copy}" in logs
+    for identity in (a_id, b_id):  # both versions of each, readable by both writers
+        stored = world.plaintext(identity)
+        assert stored["doc.txt"] == b"edited on b"
+        assert stored[doc_copy[0]] == b"edited on a"
+        assert {stored["new.txt"], stored[new_copy]} == {b"new from a", b"new from b"}
+        assert len(stored) == 4

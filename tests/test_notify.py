@@ -219,9 +219,11 @@ def test_status_reports_the_queue_and_stopping_follows_the_last_upload(world: Wo
             assert m.proc is not None
             m.proc.send_signal(signal.SIGTERM)
             notify.until(lambda line: line.startswith("STATUS=stopping"), m.proc)
-            while not ("uploads are failing" in m.stderr() and not is_mounted(
-                    os.fspath(m.mountpoint))):
-                notify.until(lambda line: line.startswith("STATUS="), m.proc)
+            deadline = time.monotonic() + 60
+            while is_mounted(os.fspath(m.mountpoint)):  # unmounted once the upload failed
+                assert time.monotonic() < deadline and m.proc.poll() is None
+                time.sleep(0.05)
+            assert "uploading before unmounting: " in m.stderr()  # logged before the unmount
             assert responsive(m.mountpoint)
             assert m.proc.poll() is None  # still trying
             assert "STOPPING=1" not in notify.messages
