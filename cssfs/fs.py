@@ -68,6 +68,8 @@ from cssfs.errors import (
     SignatureError,
     UntrustedWriterError,
 )
+from cssfs.folderattrs import NAME as ATTRS_NAME
+from cssfs.folderattrs import FileAttrs, FolderAttrs
 from cssfs.inodes import ROOT_INODE, InodeTable, Node, join, split
 from cssfs.journal import Journal, PendingFile, PendingInfo, Uploaded
 from cssfs.staging import StagedFile
@@ -210,6 +212,11 @@ def _valid_name(name: str) -> bool:
     )
 
 
+def _internal(key: str) -> bool:
+    """A key with a ``.cssfs-*`` component: cssfs's own bookkeeping, never an envelope."""
+    return any(part.startswith(INTERNAL_PREFIX) for part in key.split("/"))
+
+
 async def _close(reader: object) -> None:
     aclose = getattr(reader, "aclose", None)
     if aclose is not None:
@@ -233,6 +240,7 @@ class Operations(pyfuse3.Operations):
         is_trusted: Callable[[bytes], bool] | None = None,
         check_writer: Callable[[bytes], None] | None = None,
         refresh_keys: KeyRefresher | None = None,
+        folder_attrs: FolderAttrs | None = None,
         list_ttl: float = 2.0,
         attr_timeout: float = 1.0,
         read_only: bool = False,
@@ -249,6 +257,7 @@ class Operations(pyfuse3.Operations):
         self.is_trusted = is_trusted  # writer ed25519 -> you or a contact (xattr signature)
         self.check_writer = check_writer  # --trusted-writers-only: UntrustedWriterError
         self.refresh_keys = refresh_keys
+        self.folder_attrs = folder_attrs  # per-folder records of mtimes/modes (folderattrs.py)
         self.attr_timeout = attr_timeout
         self.read_only = read_only
         self.failsafe = False
@@ -414,19 +423,28 @@ class Operations(pyfuse3.Operations):
         state = self._open_file(up.key)
         if state is not None:
             state.base_etag = up.etag
+        self._note_attrs(up.key, FileAttrs(up.etag, up.cipher_size, up.mtime_ns, up.mode))
         self._note(up.key, Attrs("file", up.size, up.mtime_ns, (up.mode & 0o7777) or FILE_MODE,
                                  True, up.etag, up.cipher_size))
 
     def _deleted(self, key: str) -> None:
         if self.journal.pending(key) is None:
             self._note(key, None)
+            self._note_attrs(key, None)
+
+    def _note_attrs(self, key: str, attrs: FileAttrs | None) -> None:
+        """Tell the folder's attrs record about a version we stored (None: we removed it)."""
+        if self.folder_attrs is not None:
+            self.folder_attrs.note(key, attrs)
 
     # -- listings -------------------------------------------------------------------------------
 
     async def _load(self, path: str) -> dict[str, Attrs]:
         prefix = _prefix(path)
         out: dict[str, Attrs] = {}
-        for entry in await self.encstore.list(prefix):
+        entries = await self.encstore.list(prefix)
+        await self._load_attrs(prefix, entries)
+        for entry in entries:
             name = entry.key[len(prefix) :]
             if entry.is_dir:
                 name = name.rstrip("/")
@@ -435,6 +453,24 @@ class Operations(pyfuse3.Operations):
             elif _valid_name(name) and name not in out:  # "" is the folder's own marker
                 out[name] = self._from_entry(entry)
         return out
+
+    async def _load_attrs(self, prefix: str, entries: list[Entry]) -> None:
+        """mtime/mode of listed files from the folder's attrs record (one GET, when the LIST
+        shows one and it names files whose header we have not read)."""
+        if self.folder_attrs is None:
+            return
+        record = next((e for e in entries if e.key == prefix + ATTRS_NAME), None)
+        if record is None:
+            return
+        unknown = {
+            e.key[len(prefix) :]: (e.etag, e.cipher_size) for e in entries
+            if not e.is_dir and e.plain_size is not None and (e.key, e.etag) not in self._meta
+        }
+        if not unknown:
+            return
+        found = await self.folder_attrs.load(prefix, record.etag, unknown)
+        for name, attrs in found.items():
+            self._remember(prefix + name, attrs.etag, (attrs.mtime_ns, attrs.mode))
 
     async def _listing(self, path: str) -> dict[str, Attrs]:
         return await self.listings.get(path, lambda: self._load(path))
@@ -676,6 +712,8 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.ENOTDIR)
             if not await self._is_empty(path):
                 raise FUSEError(errno.ENOTEMPTY)
+            if self.folder_attrs is not None:  # no late write may bring the folder back
+                await self.folder_attrs.forget_below(_prefix(path))
             # The marker and cssfs's own objects in the folder (its policy) go with it.
             own = [e.key for e in await self.encstore.list(_prefix(path))
                    if not e.is_dir and e.key[len(path) + 1 :].startswith(INTERNAL_PREFIX)]
@@ -924,6 +962,7 @@ class Operations(pyfuse3.Operations):
                 attrs.etag is not None or path in self._landed  # it may have landed meanwhile
             ):
                 await self.encstore.delete(path)
+                self._note_attrs(path, None)
             self.encstore.forget(path)
             self._note(path, None)
             self.inodes.detach(path)
@@ -1000,8 +1039,11 @@ class Operations(pyfuse3.Operations):
                         info = None
                 if info is not None:
                     shown = replace(src, etag=info.etag, cipher_size=info.size)
+                    self._note_attrs(old, None)
                     if src.kind == "file" and src.exact:
                         self._remember(new, info.etag, (src.mtime_ns, src.mode))
+                        self._note_attrs(new, FileAttrs(info.etag, info.size, src.mtime_ns,
+                                                        src.mode))
                     if state is not None:
                         state.base_etag = info.etag
             elif state is not None:
@@ -1013,6 +1055,8 @@ class Operations(pyfuse3.Operations):
     async def _rename_dir(self, old: str, new: str) -> None:
         """Move a folder object by object (not atomic: a failure leaves part of it moved)."""
         prefix = old + "/"
+        if self.folder_attrs is not None:  # no late write may bring the old folder back
+            await self.folder_attrs.forget_below(prefix)
         pending = self.journal.pending_under(prefix)  # before the LIST: none slips between
         entries = {e.key: e for e in await self.encstore.list(prefix, delimiter=None)}
         hidden = self.journal.hidden_under(prefix)
@@ -1023,15 +1067,24 @@ class Operations(pyfuse3.Operations):
                 continue
             if key in hidden and key not in pending:
                 continue
-            if entry is not None and (entry.plain_size is None or key.endswith("/")):
+            if entry is not None and key.rpartition("/")[2] == ATTRS_NAME:
+                await self.encstore.store.delete([key])  # names the old folder: useless there
+                continue
+            if entry is not None and (entry.plain_size is None or key.endswith("/")
+                                      or _internal(key)):
                 await self.encstore.store.copy(key, target)  # markers, foreign objects
                 await self.encstore.store.delete([key])
                 continue
             try:
-                await self.encstore.rename(key, target)
+                info = await self.encstore.rename(key, target)
             except NoSuchObjectError:
                 if entry is not None:  # listed, so it vanished meanwhile: another client
                     log.info("folder rename: %s disappeared meanwhile", key)
+                continue
+            meta = self._meta.get((key, entry.etag)) if entry is not None else None
+            if meta is not None:  # the record of the new folder learns it
+                self._remember(target, info.etag, meta)
+                self._note_attrs(target, FileAttrs(info.etag, info.size, *meta))
         if prefix not in entries:
             await self.encstore.store.put(_marker(new), b"")
         self.listings.invalidate_below(old)
@@ -1104,6 +1157,7 @@ class Operations(pyfuse3.Operations):
         if mode is not None:
             new.mode = mode
         self._remember(path, info.etag, (new.mtime_ns, new.mode))
+        self._note_attrs(path, FileAttrs(info.etag, info.size, new.mtime_ns, new.mode))
         self._note(path, new)
         state = self._open_file(path)
         if state is not None:

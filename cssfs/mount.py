@@ -49,6 +49,7 @@ from cssfs import config, service
 from cssfs.cache import ChunkCache
 from cssfs.encstore import EncryptedStore
 from cssfs.errors import ConfigError, CssfsError, StoreUnavailableError
+from cssfs.folderattrs import FolderAttrs
 from cssfs.fs import Operations, Reader
 from cssfs.journal import Journal
 from cssfs.keys import Identity, Recipient, writer_fingerprint
@@ -130,6 +131,7 @@ class Daemon:
                 try:
                     await self.ops.commit_all()
                     await self.journal.flush()
+                    await self.flush_attrs()
                     return
                 except StoreUnavailableError as exc:
                     if not until_done:
@@ -141,6 +143,11 @@ class Daemon:
                     pause = min(pause * 2, MAX_RETRY_PAUSE_S)
                 finally:
                     self._flush_scopes.discard(scope)
+
+    async def flush_attrs(self) -> None:
+        """Write the folders' attrs records this mount has notes for (hints: never raises)."""
+        if self.ops.folder_attrs is not None:
+            await self.ops.folder_attrs.flush()
 
     def status_line(self) -> str:
         """The one-line STATUS= for the service manager: the upload queue, as rclone does."""
@@ -206,6 +213,7 @@ class Daemon:
             return self.status()
         if command == "sync":
             await self.journal.flush()
+            await self.flush_attrs()
             return {"ok": True, "pid": os.getpid()}
         if command == "ping":
             return {"ok": True, "pid": os.getpid()}
@@ -489,15 +497,20 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
         def check_writer(ed25519: bytes) -> None:
             check_trusted_writer(ed25519, trust())
 
+        folder_attrs = FolderAttrs(store, identity,
+                                   is_trusted=lambda ed25519: trust().is_trusted(ed25519))
+
         ops = Operations(
             encstore, journal, new_staged, name_writer=trust.writer_name,
             is_trusted=lambda ed25519: trust().is_trusted(ed25519),
             check_writer=check_writer if cfg.trusted_writers_only else None,
             refresh_keys=GroupRefresher(sharing, encstore, cfg.list_ttl),
-            list_ttl=cfg.list_ttl, read_only=cfg.read_only, nursery=nursery,
+            folder_attrs=folder_attrs, list_ttl=cfg.list_ttl, read_only=cfg.read_only,
+            nursery=nursery,
         )
         daemon = Daemon(cfg, ops, journal, cache, encstore)
         nursery.start_soon(journal.run)
+        nursery.start_soon(folder_attrs.run)
         listener = await stack.enter_async_context(_control_listener(control))
 
         pyfuse3.init(ops, mountpoint, fuse_options(cfg))

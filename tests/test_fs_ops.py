@@ -24,6 +24,7 @@ from cssfs import fs as fsmod
 from cssfs.cache import ChunkCache
 from cssfs.encstore import EncryptedStore
 from cssfs.envelope import CHUNK_SIZE as CS
+from cssfs.folderattrs import FolderAttrs
 from cssfs.fs import Operations
 from cssfs.inodes import ROOT_INODE
 from cssfs.journal import DEFAULT_SETTLE_S, Journal
@@ -47,6 +48,12 @@ class FS:
         self.ops = ops
         self.store = store
         self.journal = journal
+
+    async def sync(self) -> None:
+        """What ``cssfs sync`` does: uploads, then the folders' attrs records."""
+        await self.journal.flush()
+        assert self.ops.folder_attrs is not None
+        await self.ops.folder_attrs.flush()
 
     async def inode(self, path: str) -> int:
         inode = ROOT_INODE
@@ -217,7 +224,9 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
         async def new_staged(base: Any) -> Any:
             return StagedFile(budget, base)
 
-        ops = Operations(encstore, journal, new_staged, list_ttl=2.0,
+        folder_attrs = FolderAttrs(store, identity, delay_s=0.05)
+        nursery.start_soon(folder_attrs.run)
+        ops = Operations(encstore, journal, new_staged, list_ttl=2.0, folder_attrs=folder_attrs,
                          nursery=nursery, strict=True)
         yield FS(ops, store, journal)
         await journal.flush()
@@ -450,12 +459,93 @@ async def test_sizes_from_listing_alone(env: FS) -> None:
 async def test_readdir_mtimes_become_exact(env: FS) -> None:
     await env.write_file("x", b"1")
     await env.setattr("x", mtime_ns=5_000_000_000)
-    await env.journal.flush()
+    await env.sync()
+    await env.store.delete([".cssfs-attrs"])  # no folder record: the header must tell
     env.ops.listings.invalidate("")
     env.ops._meta.clear()
     listing = await env.listdir("")
     assert listing["x"].attr_timeout == 0  # not exact yet: the kernel must ask again
     assert (await env.stat("x")).st_mtime_ns == 5_000_000_000
+
+
+async def test_a_cold_listing_takes_mtimes_from_the_folder_record(env: FS, tmp_path: Path
+                                                                   ) -> None:
+    await env.mkdir("d")
+    times = {f"f{i}": (1_600_000_000_000_000_000 + i * 1_000_000_007, 0o600 + i) for i in range(5)}
+    for name, (mtime_ns, mode) in times.items():
+        await env.write_file(f"d/{name}", pattern(100 + len(name)))
+        await env.setattr(f"d/{name}", mtime_ns=mtime_ns, mode=mode)
+    await env.write_file("d/changed", b"v1")
+    await env.sync()
+    # Another client rewrites "changed" behind our back: its record entry no longer applies.
+    other = EncryptedStore(env.store, env.ops.encstore.identity)
+    await other.put("d/changed", b"v2", mtime_ns=7_000_000_000)
+    async with trio.open_nursery() as nursery:
+        cold = await _another_mount(env, tmp_path / "cold", nursery)
+        await cold.inode("d")  # the root's listing
+        before = env.store.stats.copy()
+        listing = await cold.listdir("d")
+        after = env.store.stats.copy()
+        assert after.requests["list"] - before.requests["list"] == 1
+        assert after.requests["get"] - before.requests["get"] == 1  # the record, no header
+        for name, (mtime_ns, mode) in times.items():
+            assert listing[name].st_mtime_ns == mtime_ns
+            assert stat.S_IMODE(listing[name].st_mode) == mode
+            assert listing[name].attr_timeout > 0  # exact: the kernel may cache it
+        assert listing["changed"].attr_timeout == 0  # from LIST: its header must tell
+        assert (await cold.stat("d/changed")).st_mtime_ns == 7_000_000_000
+        assert env.store.stats.requests["get"] - after.requests["get"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_folder_records_follow_renames_deletes_and_rmdir(env: FS, tmp_path: Path) -> None:
+    await env.mkdir("a")
+    await env.write_file("a/x", b"x")
+    await env.write_file("a/y", b"y")
+    await env.setattr("a/x", mtime_ns=3_000_000_000)
+    await env.sync()
+    assert "a/.cssfs-attrs" in await _keys(env)
+    await env.rename("a/x", "a/z")  # stored: renamed in the store, the record follows
+    await env.unlink("a/y")
+    await env.sync()
+    async with trio.open_nursery() as nursery:
+        cold = await _another_mount(env, tmp_path / "cold", nursery)
+        listing = await cold.listdir("a")
+        assert sorted(listing) == ["z"]
+        assert listing["z"].st_mtime_ns == 3_000_000_000 and listing["z"].attr_timeout > 0
+        nursery.cancel_scope.cancel()
+    await env.rename("a", "b")  # a folder: the old record names the old folder, so it goes
+    await env.sync()
+    keys = await _keys(env)
+    assert not any(k.startswith("a/") for k in keys)
+    assert "b/.cssfs-attrs" in keys  # the moved file's mtime was known: noted for b/
+    await env.unlink("b/z")
+    await env.rmdir("b")  # the record goes with the folder and no late write brings it back
+    await env.sync()
+    await trio.sleep(0.2)
+    assert not any(k.startswith("b/") for k in await _keys(env))
+    assert not await env.exists("b")
+
+
+async def _keys(env: FS) -> set[str]:
+    return {o.key for o in (await env.store.list("", None)).objects}
+
+
+async def _another_mount(env: FS, state: Path, nursery: trio.Nursery) -> FS:
+    """A second mount of the same store by the same identity (cold caches, its own journal)."""
+    await trio.Path(state).mkdir()
+    identity = env.ops.encstore.identity
+    encstore = EncryptedStore(env.store, identity, cache=ChunkCache(1 << 20), nursery=nursery)
+    journal = Journal(state, encstore)
+    budget = StagingBudget(state, max_bytes=4 * CS)
+
+    async def new_staged(base: Any) -> Any:
+        return StagedFile(budget, base)
+
+    attrs = FolderAttrs(env.store, identity)
+    ops = Operations(encstore, journal, new_staged, folder_attrs=attrs, nursery=nursery,
+                     strict=True)
+    return FS(ops, env.store, journal)
 
 
 async def test_rename_file(env: FS) -> None:

@@ -447,7 +447,10 @@ class LocalStore(StoreBase):
                 touched.add(self._prune(os.path.dirname(path)))
             if self._fsync:
                 for directory in touched:
-                    self._fsync_dir(directory)
+                    # A later key of the batch may have emptied and pruned it; then its
+                    # surviving parent is in ``touched`` too.
+                    if os.path.isdir(directory):
+                        self._fsync_dir(directory)
 
     # -- reading -----------------------------------------------------------------------------
 
