@@ -87,6 +87,10 @@ INLINE_CHUNKS = 2
 SEAL_BATCH_CHUNKS = 32
 #: Most chunks fetched by one coalesced ranged GET (1 MiB).
 MAX_COALESCE_CHUNKS = 16
+#: The mount's ``whole_object_bytes``: objects up to this size are fetched whole by open (one
+#: GET instead of header, table and chunks: three round trips for a small file), their chunks
+#: decrypted into the cache.
+WHOLE_OBJECT_BYTES = 1024 * 1024 + HEADER_SIZE
 #: Default sequential read-ahead window.
 DEFAULT_READAHEAD_BYTES = 4 * 1024 * 1024
 #: get_to: chunks per ranged GET (4 MiB: per-request costs dominate smaller ones) and GETs in
@@ -306,6 +310,7 @@ class EncryptedStore:
         header_cache_entries: int = 1024,
         open_cache_entries: int = 64,
         header_concurrency: int = 16,
+        whole_object_bytes: int = 0,
         identities: Sequence[Identity] = (),
         recipients_for: Callable[[str], Awaitable[Sequence[Recipient]]] | None = None,
     ) -> None:
@@ -320,6 +325,7 @@ class EncryptedStore:
         self.cpu_limiter = cpu_limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1))
         self.readahead_bytes = readahead_bytes
         self.header_concurrency = header_concurrency
+        self.whole_object_bytes = whole_object_bytes
         self._nursery = nursery
         self._headers: _Lru[tuple[str, str], HeaderInfo] = _Lru(header_cache_entries)
         self._opened: _Lru[tuple[str, str], _OpenState] = _Lru(open_cache_entries)
@@ -471,8 +477,14 @@ class EncryptedStore:
         return EncryptedFile(self, state)
 
     async def _open_state(self, key: str, etag: str, cipher_size: int) -> _OpenState:
+        whole: bytes | None = None
         try:
-            header_bytes, table = await self._fetch_header_and_table(key, cipher_size)
+            if cipher_size <= self.whole_object_bytes and self.cache.enabled:
+                whole, header_bytes, table = await self._fetch_whole(key, cipher_size)
+                if whole is not None:
+                    cipher_size = len(whole)  # changed since listed: this version, whole
+            else:
+                header_bytes, table = await self._fetch_header_and_table(key, cipher_size)
             info, opened = self._header_info(key, etag, header_bytes)
             self._headers.put((key, etag), info)
             if opened is None:  # raise why (not for us, tampered, moved)
@@ -486,7 +498,40 @@ class EncryptedStore:
         except (FormatError, HeaderAuthError, SignatureError, PayloadError) as exc:
             self._warn(key, etag, str(exc))
             raise
-        return _OpenState(key, etag, cipher_size, opened, info)
+        state = _OpenState(key, etag, cipher_size, opened, info)
+        if whole is not None and opened.chunk_count:
+            await self._cache_whole(state, whole)
+        return state
+
+    async def _fetch_whole(self, key: str, cipher_size: int
+                           ) -> tuple[bytes | None, bytes, bytes | None]:
+        """A small object in one GET: (its bytes, the header, the chunk table where its size
+        puts it); the bytes are None (and the table too) when it is no possible envelope."""
+        data = await self.store.get(key)
+        try:
+            size = plain_size(len(data))
+        except FormatError:
+            if len(data) < HEADER_SIZE:
+                raise
+            return None, data[:HEADER_SIZE], None
+        if len(data) != cipher_size:
+            log.debug("object %s: %d bytes, listed as %d", key, len(data), cipher_size)
+        table_off, table_len = table_range(size)
+        return data, data[:HEADER_SIZE], data[table_off : table_off + table_len]
+
+    async def _cache_whole(self, state: _OpenState, data: bytes) -> None:
+        """Decrypt every chunk of a whole small object into the cache (the reads that follow
+        find them there); a chunk that fails is left out, and its read meets the error."""
+        count = state.envelope.chunk_count
+        if count <= INLINE_CHUNKS:
+            opened, _ = _open_run(state.envelope, 0, count, data, 0)
+        else:
+            opened, _ = await trio.to_thread.run_sync(
+                _open_run, state.envelope, 0, count, data, 0, limiter=self.cpu_limiter
+            )
+        for i, plain in opened:
+            if self.cache.get(state.key, state.etag, i) is None:  # counted as the miss it is
+                self.cache.put(state.key, state.etag, i, plain)
 
     async def _fetch_header_and_table(
         self, key: str, cipher_size: int

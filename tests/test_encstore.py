@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from cssfs.cache import ChunkCache
-from cssfs.encstore import EncryptedFile, EncryptedStore, HeaderInfo
+from cssfs.encstore import WHOLE_OBJECT_BYTES, EncryptedFile, EncryptedStore, HeaderInfo
 from cssfs.envelope import (
     CHUNK_SIZE,
     HEADER_SIZE,
@@ -507,6 +507,36 @@ async def test_small_read_in_a_large_object_is_cheap(store: ObjectStore, me: Ide
     received = store.stats.bytes_received - before.bytes_received
     assert received <= 2 * (CS + TAG_SIZE), received
     assert store.stats.requests["get"] - before.requests["get"] == 3  # header, table, chunk
+
+
+async def test_a_small_object_opens_in_one_get(store: ObjectStore, me: Identity) -> None:
+    data = pattern(3 * CS + 5, 9)
+    await es_for(store, me).put("small", data)
+    es = es_for(store, me, cache=4 << 20, whole_object_bytes=WHOLE_OBJECT_BYTES)
+    before = store.stats.copy()
+    f = await es.open("small")
+    assert await f.read(0, len(data) + 1) == data
+    assert store.stats.requests["get"] - before.requests["get"] == 1  # header+table+chunks
+    big = es_for(store, me, cache=4 << 20, whole_object_bytes=HEADER_SIZE)  # too small: ranged
+    before = store.stats.copy()
+    assert await (await big.open("small")).read(0, 10) == data[:10]
+    assert store.stats.requests["get"] - before.requests["get"] == 3
+
+
+@tamper_logged
+async def test_a_bad_chunk_of_a_whole_small_object_is_still_an_error(
+    store: ObjectStore, me: Identity
+) -> None:
+    data = await _sample(store, me)
+    blob = bytearray(await raw(store, "t"))
+    off = chunk_range(2, len(data))[0]
+    blob[off + 7] ^= 0x01
+    await put_raw(store, "t", bytes(blob))
+    es = es_for(store, me, cache=4 << 20, whole_object_bytes=WHOLE_OBJECT_BYTES)
+    f = await es.open("t")
+    assert await f.read(0, 2 * CS) == data[: 2 * CS]
+    with pytest.raises(ChunkAuthError):
+        await f.read(2 * CS, 10)
 
 
 class PatternReader:
