@@ -85,7 +85,7 @@ METRICS: dict[str, tuple[str, str, bool, list[str]]] = {
     "daemon_rss": ("daemon peak RSS (VmHWM, all mounts)", "MiB", False, []),
     "daemon_cpu": ("daemon CPU seconds per GiB moved through the mount", "s/GiB", False,
                    ["fs.limit.memfs_cpu"]),
-    "mount_s": ("mount until ready (median)", "s", False, ["fs.limit.memfs_mount"]),
+    "mount_s": ("mount until ready", "s", False, ["fs.limit.memfs_mount"]),
 }
 
 
