@@ -4,18 +4,22 @@ This module knows the byte layout of an envelope object -- header region (4096 b
 chunks, chunk table -- and the checks that make it authentic: key commitment, header MAC, the
 writer's Ed25519 signature over the chunk-table hash, the object binding. It must not know:
 stores, FUSE, trio, config or contacts. Apart from the two stream helpers at the bottom, which
-read and write file objects they are given, everything here is a pure function over bytes.
+read and write file objects they are given (and hash on a couple of worker threads of their
+own, joined before they return), everything here is a pure function over bytes.
 """
 
 from __future__ import annotations
 
+import collections
 import io
+import itertools
 import shutil
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import constant_time
@@ -410,10 +414,28 @@ class EnvelopeWriter:
         self._record(out, length, last)
         return written
 
+    def _seal_unhashed_into(self, plaintext: Buffer, out: Buffer, *, last: bool) -> int:
+        """AES-GCM only, into ``out``; the chunk index. encrypt_stream hashes the ciphertext in
+        another thread and gives the digest to _set_hash before finish()."""
+        length = len(memoryview(plaintext))
+        index = self._check_chunk(length, last)
+        self._cipher.seal_into(index, plaintext, out, last=last)
+        self._hashes.append(b"")
+        self._plain_size += length
+        self._done = last
+        return index
+
+    def _set_hash(self, index: int, digest: bytes) -> None:
+        if len(digest) != HASH_SIZE or self._hashes[index]:
+            raise ValueError("envelope: internal error: chunk hash set twice or malformed")
+        self._hashes[index] = digest
+
     def finish(self) -> tuple[bytes, bytes]:
         """(header region of HEADER_SIZE bytes, chunk table) once the last chunk is sealed."""
         if not self._done:
             raise ValueError("envelope: internal error: finish() before the last chunk")
+        if not all(self._hashes):
+            raise ValueError("envelope: internal error: finish() before every chunk is hashed")
         table = b"".join(self._hashes)
         header = Header(
             version=VERSION, chunk_size=CHUNK_SIZE, plain_size=self._plain_size,
@@ -630,6 +652,82 @@ def read_full(src: BinaryIO, view: memoryview) -> int:
     return total
 
 
+#: The stream helpers work a batch of chunks at a time: the calling thread reads, runs AES-GCM
+#: and writes, while the SHA-256 of the ciphertext (the chunk table, a 5x slower pass than GCM)
+#: runs on worker threads -- cryptography releases the GIL while it hashes, so on two cores the
+#: hashing overlaps the rest. Small batches keep memory under 1 MiB; a batch costs a thread
+#: hand-off (tens of microseconds), a few percent of its hashing.
+STREAM_BATCH_CHUNKS = 2
+#: Batches in flight, each with a ciphertext buffer of its own (and, for a seekable decrypt,
+#: a plaintext buffer: it is released only once the batch's hashes match the table).
+STREAM_DEPTH = 3
+#: Worker threads hashing ciphertext.
+HASH_THREADS = 2
+
+_T = TypeVar("_T")
+
+
+def _digests(ciphertext: memoryview, spans: list[tuple[int, int]]) -> list[bytes]:
+    """SHA-256 of each ``ciphertext[a:b]`` (a worker thread's job)."""
+    return [sha256(ciphertext[a:b]) for a, b in spans]
+
+
+def _first_mismatch(
+    ciphertext: memoryview, spans: list[tuple[int, int]], expected: bytes
+) -> int | None:
+    """The position in ``spans`` of the first chunk whose SHA-256 is not its entry in
+    ``expected`` (32 bytes each), or None (a worker thread's job)."""
+    for k, (a, b) in enumerate(spans):
+        if sha256(ciphertext[a:b]) != expected[HASH_SIZE * k : HASH_SIZE * (k + 1)]:
+            return k
+    return None
+
+
+class _Workers:
+    """A pool of HASH_THREADS threads, started on first use and joined on exit."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[..., _T], *args: object) -> Future[_T]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="cssfs-sha256")
+        return self._pool.submit(fn, *args)
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Batch:
+    """One batch of chunks in flight: its buffers (reused), where it starts, its hash job."""
+
+    __slots__ = ("ct", "failure", "first", "job", "plain", "stop")
+
+    def __init__(self) -> None:
+        self.plain = bytearray()
+        self.ct = bytearray()
+        self.first = self.stop = 0
+        self.job: Future[Any] | None = None
+        self.failure: ChunkAuthError | None = None
+
+    def buffers(self, plain: int, ct: int) -> tuple[memoryview, memoryview]:
+        """Views of at least ``plain`` and ``ct`` bytes, allocated at first use."""
+        if len(self.plain) < plain:
+            self.plain = bytearray(plain)
+        if len(self.ct) < ct:
+            self.ct = bytearray(ct)
+        return memoryview(self.plain), memoryview(self.ct)
+
+    def share_plain(self, plain: bytearray) -> None:
+        """Use ``plain`` (shared by every batch) as this batch's plaintext buffer: where a
+        batch's plaintext is done with before the next batch starts."""
+        self.plain = plain
+
+
 def encrypt_stream(
     src: BinaryIO,
     dst: BinaryIO,
@@ -659,20 +757,7 @@ def encrypt_stream(
     else:
         body = tempfile.TemporaryFile()  # noqa: SIM115 -- closed below
     try:
-        bufs = (bytearray(CHUNK_SIZE), bytearray(CHUNK_SIZE))
-        out = memoryview(bytearray(CHUNK_SIZE + TAG_SIZE))
-        cur = 0
-        n = read_full(src, memoryview(bufs[cur]))
-        while True:
-            # One chunk of read-ahead: a full chunk is the last only if nothing follows it.
-            next_n = read_full(src, memoryview(bufs[1 - cur])) if n == CHUNK_SIZE else 0
-            last = next_n == 0
-            sealed = out[: n + TAG_SIZE]
-            writer.seal_chunk_into(memoryview(bufs[cur])[:n], sealed, last=last)
-            body.write(sealed)
-            if last:
-                break
-            cur, n = 1 - cur, next_n
+        _seal_body(src, body, writer)
         header, table = writer.finish()
         body.write(table)
         if seekable:
@@ -688,6 +773,63 @@ def encrypt_stream(
         if body is not dst:
             body.close()
     dst.flush()
+
+
+def _seal_body(src: BinaryIO, body: BinaryIO, writer: EnvelopeWriter) -> None:
+    """Seal all of ``src`` into ``body``, a batch at a time, hashing on worker threads."""
+    batch_bytes = STREAM_BATCH_CHUNKS * CHUNK_SIZE
+    batches = [_Batch() for _ in range(STREAM_DEPTH)]
+    shared = bytearray(batch_bytes + 1)  # plaintext is done with once sealed
+    for batch in batches:
+        batch.share_plain(shared)
+    carry: int | None = None  # the look-ahead byte: a full batch is the last only if no more
+
+    def harvest(batch: _Batch) -> None:
+        if batch.job is not None:
+            for k, digest in enumerate(batch.job.result()):
+                writer._set_hash(batch.first + k, digest)
+            batch.job = None
+
+    with _Workers() as workers:
+        for turn in itertools.count():
+            batch = batches[turn % STREAM_DEPTH]
+            harvest(batch)  # its buffers are free again
+            plain, ct = batch.buffers(
+                batch_bytes + 1, STREAM_BATCH_CHUNKS * (CHUNK_SIZE + TAG_SIZE)
+            )
+            have = 0
+            if carry is not None:
+                plain[0] = carry
+                have = 1
+            have += read_full(src, plain[have : batch_bytes + 1])
+            last = have <= batch_bytes
+            n = have if last else batch_bytes
+            carry = None if last else plain[batch_bytes]
+            count = max(1, -(-n // CHUNK_SIZE))
+            spans: list[tuple[int, int]] = []
+            pos = 0
+            for i in range(count):
+                length = min(CHUNK_SIZE, n - i * CHUNK_SIZE)
+                index = writer._seal_unhashed_into(
+                    plain[i * CHUNK_SIZE : i * CHUNK_SIZE + length],
+                    ct[pos : pos + length + TAG_SIZE],
+                    last=last and i == count - 1,
+                )
+                if i == 0:
+                    batch.first = index
+                spans.append((pos, pos + length + TAG_SIZE))
+                pos += length + TAG_SIZE
+            sealed = ct[:pos]
+            if turn == 0 and last:  # one batch only: no threads for a small file
+                for k, digest in enumerate(_digests(sealed, spans)):
+                    writer._set_hash(batch.first + k, digest)
+            else:
+                batch.job = workers.submit(_digests, sealed, spans)
+            body.write(sealed)
+            if last:
+                break
+        for batch in batches:
+            harvest(batch)
 
 
 # Chunk-table entries read at a time by decrypt_stream (64 KiB of table per 128 MiB of data).
@@ -726,6 +868,10 @@ def decrypt_stream(
     released once their tag verifies and the table is compared at the end, so content forged by
     a co-recipient (who knows the file key) is detected only then -- PayloadError, after some
     output. The cloud, which lacks the file key, cannot forge any chunk.
+
+    Chunks go a batch at a time: AES-GCM on this thread, SHA-256 on worker threads. Whatever
+    the order the checks finish in, the chunks before the first bad one are released and the
+    error is that chunk's (its table entry before its tag), as if checked one by one.
     """
     seekable = _seekable(src)
     start = src.tell() if seekable else 0
@@ -741,12 +887,45 @@ def decrypt_stream(
     dst.flush()
 
 
-def _read_chunk(src: BinaryIO, buf: bytearray, index: int, size: int) -> memoryview:
-    _, ct_len = chunk_range(index, size)
-    ct = memoryview(buf)[:ct_len]
-    if read_full(src, ct) != ct_len:
-        raise TruncatedError(f"envelope is truncated in chunk {index}")
-    return ct
+def _read_batch(src: BinaryIO, ct: memoryview, first: int, stop: int, size: int) -> int:
+    """Read the ciphertext of chunks [first, stop) into ``ct``; its length. TruncatedError
+    naming the first chunk that is not all there."""
+    base = chunk_range(first, size)[0]
+    last_off, last_len = chunk_range(stop - 1, size)
+    total = last_off + last_len - base
+    got = read_full(src, ct[:total])
+    if got != total:
+        short = first + got // (CHUNK_SIZE + TAG_SIZE)
+        raise TruncatedError(f"envelope is truncated in chunk {short}")
+    return total
+
+
+def _open_batch(
+    opened: OpenedEnvelope, batch: _Batch, ct: memoryview, plain: memoryview
+) -> list[tuple[int, int]]:
+    """AES-GCM open chunks [batch.first, batch.stop) of ``ct`` into ``plain``; their spans in
+    ``ct``. A chunk whose tag fails is noted in ``batch.failure`` (the chunks after it are
+    left alone): the caller raises it once the chunks before it are released."""
+    spans = _spans(batch.first, batch.stop, opened.header.plain_size)
+    batch.failure = None
+    for k, (a, b) in enumerate(spans):
+        index = batch.first + k
+        p = CHUNK_SIZE * k
+        try:
+            opened._open_unlisted_into(index, ct[a:b], plain[p : p + b - a - TAG_SIZE])
+        except ChunkAuthError as exc:
+            batch.failure = exc
+            break
+    return spans
+
+
+def _release(dst: BinaryIO, batch: _Batch, size: int, bad: int | None) -> None:
+    """Write the plaintext of the batch's chunks before chunk ``bad`` (all if None)."""
+    stop = batch.stop if bad is None else bad
+    if stop > batch.first:
+        length = min(stop * CHUNK_SIZE, size) - batch.first * CHUNK_SIZE
+        with memoryview(batch.plain) as view, view[:length] as plain:
+            dst.write(plain)
 
 
 def _decrypt_seekable(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope, start: int) -> None:
@@ -761,40 +940,106 @@ def _decrypt_seekable(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope, star
         raise PayloadError("chunk table does not match the writer's signature")
     # Pass 2: chunks, each checked against its table entry; the table is read a window at a
     # time (memory stays flat) and hashed again, in case the file changed between passes.
-    ct_buf = bytearray(CHUNK_SIZE + TAG_SIZE)
-    pt_buf = bytearray(CHUNK_SIZE)
+    batches = [_Batch() for _ in range(STREAM_DEPTH)]
+    queue: collections.deque[_Batch] = collections.deque()
     recheck = sha256_hasher()
-    for base in range(0, count, TABLE_WINDOW):
-        n = min(TABLE_WINDOW, count - base)
-        src.seek(start + table_offset + HASH_SIZE * base)
-        window = _read_exact(src, HASH_SIZE * n)
-        recheck.update(window)
-        src.seek(start + chunk_range(base, size)[0])
-        for index in range(base, base + n):
-            ct = _read_chunk(src, ct_buf, index, size)
-            pt = memoryview(pt_buf)[: len(ct) - TAG_SIZE]
-            k = HASH_SIZE * (index - base)
-            opened._open_checked_into(index, ct, pt, memoryview(window)[k : k + HASH_SIZE])
-            dst.write(pt)
+
+    def finish_oldest() -> None:
+        batch = queue.popleft()
+        assert batch.job is not None
+        mismatch = batch.job.result()
+        batch.job = None
+        bad_hash = None if mismatch is None else batch.first + mismatch
+        failure = batch.failure
+        if bad_hash is not None and (failure is None or bad_hash <= failure.index):
+            _release(dst, batch, size, bad_hash)
+            raise ChunkAuthError(bad_hash, "does not match the chunk table")
+        if failure is not None:
+            _release(dst, batch, size, failure.index)
+            raise failure
+        _release(dst, batch, size, None)
+
+    with _Workers() as workers:
+        turn = 0
+        for base in range(0, count, TABLE_WINDOW):
+            n = min(TABLE_WINDOW, count - base)
+            src.seek(start + table_offset + HASH_SIZE * base)
+            window = _read_exact(src, HASH_SIZE * n)
+            recheck.update(window)
+            src.seek(start + chunk_range(base, size)[0])
+            for first in range(base, base + n, STREAM_BATCH_CHUNKS):
+                batch = batches[turn % STREAM_DEPTH]
+                turn += 1
+                if batch.job is not None:
+                    finish_oldest()  # the oldest batch is this one: its buffers are free again
+                batch.first, batch.stop = first, min(first + STREAM_BATCH_CHUNKS, base + n)
+                plain, ct = batch.buffers(
+                    STREAM_BATCH_CHUNKS * CHUNK_SIZE,
+                    STREAM_BATCH_CHUNKS * (CHUNK_SIZE + TAG_SIZE),
+                )
+                total = _read_batch(src, ct, batch.first, batch.stop, size)
+                spans = _spans(batch.first, batch.stop, size)
+                expected = bytes(
+                    window[HASH_SIZE * (first - base) : HASH_SIZE * (batch.stop - base)]
+                )
+                batch.job = workers.submit(_first_mismatch, ct[:total], spans, expected)
+                queue.append(batch)
+                _open_batch(opened, batch, ct, plain)
+        while queue:
+            finish_oldest()
     if recheck.finalize() != header.table_hash:
         raise PayloadError("the envelope changed while it was being read")
+
+
+def _spans(first: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """Where chunks [first, stop) lie in a buffer holding their ciphertext from chunk first."""
+    base = chunk_range(first, size)[0]
+    spans = []
+    for index in range(first, stop):
+        off, length = chunk_range(index, size)
+        spans.append((off - base, off - base + length))
+    return spans
 
 
 def _decrypt_sequential(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope) -> None:
     header = opened.header
     size, count = header.plain_size, opened.chunk_count
     _, table_length = table_range(size)
-    ct_buf = bytearray(CHUNK_SIZE + TAG_SIZE)
-    pt_buf = bytearray(CHUNK_SIZE)
     # SHA-256 over the hashes of the chunks as read: equals the table hash iff they are the
     # chunks the writer listed -- no need to keep the hashes themselves.
     payload_digest = sha256_hasher()
-    for index in range(count):
-        ct = _read_chunk(src, ct_buf, index, size)
-        pt = memoryview(pt_buf)[: len(ct) - TAG_SIZE]
-        payload_digest.update(sha256(ct))
-        opened._open_unlisted_into(index, ct, pt)
-        dst.write(pt)
+    batches = [_Batch() for _ in range(STREAM_DEPTH)]
+    shared = bytearray(STREAM_BATCH_CHUNKS * CHUNK_SIZE)  # plaintext is written at once
+    for batch in batches:
+        batch.share_plain(shared)
+    queue: collections.deque[_Batch] = collections.deque()
+
+    def harvest_oldest() -> None:
+        batch = queue.popleft()
+        assert batch.job is not None
+        for digest in batch.job.result():
+            payload_digest.update(digest)
+        batch.job = None
+
+    with _Workers() as workers:
+        for turn, first in enumerate(range(0, count, STREAM_BATCH_CHUNKS)):
+            batch = batches[turn % STREAM_DEPTH]
+            if batch.job is not None:
+                harvest_oldest()  # the oldest batch is this one: its buffers are free again
+            batch.first, batch.stop = first, min(first + STREAM_BATCH_CHUNKS, count)
+            plain, ct = batch.buffers(
+                STREAM_BATCH_CHUNKS * CHUNK_SIZE, STREAM_BATCH_CHUNKS * (CHUNK_SIZE + TAG_SIZE)
+            )
+            total = _read_batch(src, ct, batch.first, batch.stop, size)
+            batch.job = workers.submit(_digests, ct[:total], _spans(batch.first, batch.stop, size))
+            queue.append(batch)
+            _open_batch(opened, batch, ct, plain)
+            # On a pipe a chunk is released once its tag verifies (see decrypt_stream).
+            _release(dst, batch, size, None if batch.failure is None else batch.failure.index)
+            if batch.failure is not None:
+                raise batch.failure
+        while queue:
+            harvest_oldest()
     table_digest = _hash_region(src, table_length)
     if src.read(1):
         raise TrailingDataError("trailing data after the envelope")
