@@ -891,11 +891,18 @@ class EncryptedStore:
         if_match: str | None = None,
         if_none_match: bool = False,
     ) -> ObjectInfo:
-        """Upload an envelope file (from seal_to_file or rebind_file) as it is."""
-        with open(path, "rb") as f:  # noqa: ASYNC230 -- the store reads it in worker threads
+        """Upload an envelope file (from seal_to_file or rebind_file) as it is. One that fits
+        in a part is read whole first (one thread hop, then a single PUT of bytes)."""
+        small = await trio.to_thread.run_sync(_read_if_small, path, self.store.part_size)
+        if small is not None:
             result = await self.store.put(
-                key, f, if_match=if_match, if_none_match=if_none_match
+                key, small, if_match=if_match, if_none_match=if_none_match
             )
+        else:
+            with open(path, "rb") as f:  # noqa: ASYNC230 -- the store reads it in worker threads
+                result = await self.store.put(
+                    key, f, if_match=if_match, if_none_match=if_none_match
+                )
         self.forget(key)
         return result
 
@@ -997,6 +1004,14 @@ class EncryptedStore:
         except (FormatError, HeaderAuthError, SignatureError) as exc:
             self._warn(src, etag, str(exc))
             raise
+
+
+def _read_if_small(path: str | os.PathLike[str], limit: int) -> bytes | None:
+    """The bytes of the file at ``path`` if it holds at most ``limit`` bytes, else None."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size > limit:
+            return None
+        return f.read()
 
 
 def entries_from_listing(listing: Listing) -> list[Entry]:

@@ -484,6 +484,19 @@ class Journal:
         os.replace(tmp, path)
         self._fsync_dir()
 
+    def _install_sync(self, sealed: Path, path: Path, seq: int, data: dict[str, Any]) -> None:
+        """Rename a sealed envelope to ``path`` and write its record's first sidecar durably.
+        On failure neither file is left behind (the caller's close fails: nothing promised)."""
+        os.replace(sealed, path)
+        try:
+            self._write_sidecar_sync(seq, data)
+        except BaseException:
+            for leftover in (self._sidecar_path(seq), path):
+                _unlink_quietly(leftover)
+            sidecar = self._sidecar_path(seq)
+            _unlink_quietly(sidecar.with_name(sidecar.name + ".tmp"))
+            raise
+
     def _fsync_dir(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -642,15 +655,17 @@ class Journal:
                         mode=env.mode, ready_at=trio.current_time() + self.settle_s,
                     )
                     record.put = op
+                    env.path = path
+                    # The commit point, in one thread hop: the envelope gets its entry's name,
+                    # the sidecar is written and fsynced, then the directory.
+                    data = self._sidecar(record)
                     try:
-                        await trio.to_thread.run_sync(os.replace, tmp, path)
+                        await trio.to_thread.run_sync(self._install_sync, tmp, path, seq, data)
                     except OSError as exc:
                         raise JournalError(
                             f"cannot write the journal for {key}: {exc.strerror}", exc.errno
                         ) from exc
-                    env.path = path
-                    tmp = path
-                    await self._persist(record)  # the commit point
+                    record.disk_put = True
                     tmp = None
                     self._records[seq] = record
                     self._queue(key).append(op)
@@ -699,6 +714,22 @@ class Journal:
         )
         size = staged.size
         count = chunk_count(size)
+        if count <= SEAL_BATCH_CHUNKS:  # the usual small file: read it all, then one thread hop
+            batch = await self._read_batch(key, staged, 0, count)
+            try:
+                header, cipher_size = await trio.to_thread.run_sync(
+                    _seal_small, path, writer, batch, limiter=self._enc.cpu_limiter
+                )
+            except OSError as exc:
+                raise JournalError(
+                    f"cannot write the journal for {key}: {exc.strerror}", exc.errno
+                ) from exc
+            check_envelope_size(size, cipher_size)
+            parsed = parse_header(header)
+            return _Envelope(
+                path, parsed.salt, size, cipher_size, parsed.binding, parsed.mtime_ns, parsed.mode,
+                unresolved,
+            )
         try:
             fd = await trio.to_thread.run_sync(_create_exclusive, path)
         except OSError as exc:
@@ -710,14 +741,9 @@ class Journal:
             offset = HEADER_SIZE
             index = 0
             while index < count:
-                batch: list[tuple[bytes, bool]] = []
-                while index < count and len(batch) < SEAL_BATCH_CHUNKS:
-                    start = index * CHUNK_SIZE
-                    data = await staged.read(start, CHUNK_SIZE) if size else b""
-                    if len(data) != min(CHUNK_SIZE, size - start):
-                        raise JournalError(f"{key} changed size while it was being sealed")
-                    batch.append((data, index == count - 1))
-                    index += 1
+                stop = min(count, index + SEAL_BATCH_CHUNKS)
+                batch = await self._read_batch(key, staged, index, count, stop)
+                index = stop
                 offset += await self._write_io(
                     key, _seal_batch, writer, batch, fd, offset, limiter=self._enc.cpu_limiter
                 )
@@ -735,6 +761,20 @@ class Journal:
             os.close(fd)
             if not ok:
                 await trio.to_thread.run_sync(_unlink_quietly, path)
+
+    @staticmethod
+    async def _read_batch(key: str, staged: PlainFile, first: int, count: int,
+                          stop: int | None = None) -> list[tuple[bytes, bool]]:
+        """Chunks [first, stop) of ``count`` as (plaintext, last) pairs, read in this task."""
+        size = staged.size
+        batch: list[tuple[bytes, bool]] = []
+        for index in range(first, count if stop is None else stop):
+            start = index * CHUNK_SIZE
+            data = await staged.read(start, CHUNK_SIZE) if size else b""
+            if len(data) != min(CHUNK_SIZE, size - start):
+                raise JournalError(f"{key} changed size while it was being sealed")
+            batch.append((data, index == count - 1))
+        return batch
 
     async def _write_io(
         self, key: str, fn: Callable[..., int | None], *args: Any,
@@ -1534,6 +1574,28 @@ def _seal_batch(
         out += writer.seal_chunk(data, last=last)
     _pwrite_all(fd, out, offset)
     return len(out)
+
+
+def _seal_small(path: Path, writer: EnvelopeWriter, batch: list[tuple[bytes, bool]]
+                ) -> tuple[bytes, int]:
+    """A whole envelope file at ``path`` from one batch (all of a file's chunks), fsynced:
+    (its header, its size). On failure the file is removed."""
+    fd = _create_exclusive(path)
+    try:
+        out = bytearray(HEADER_SIZE)
+        for data, last in batch:
+            out += writer.seal_chunk(data, last=last)
+        header, table = writer.finish()
+        out[:HEADER_SIZE] = header
+        out += table
+        _pwrite_all(fd, out, 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise
+    os.close(fd)
+    return header, len(out)
 
 
 def _finish_envelope(fd: int, header: bytes, table: bytes, offset: int) -> None:
