@@ -43,6 +43,11 @@ pytestmark = [*fuse_test_marker(), pytest.mark.s3]
 NOISE = r"WARNING|ERROR|retry|unreachable|failing|journal|attempt"
 
 
+def _own(key: str) -> bool:
+    """cssfs's own objects (folder policies, attrs records...): hidden by the mount."""
+    return key.rpartition("/")[2].startswith(".cssfs-")
+
+
 class World:
     """One bucket, one identity, a fault proxy in front of moto and a folder of sources."""
 
@@ -66,7 +71,8 @@ class World:
 
     def keys(self) -> set[str]:
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
-        return {item["Key"] for page in pages for item in page.get("Contents", ())}
+        return {item["Key"] for page in pages for item in page.get("Contents", ())
+                if not _own(item["Key"])}
 
     def plaintext(self, identity: Any = None) -> dict[str, bytes]:
         """Every file in the bucket, decrypted here with ``identity`` (default: ours)."""

@@ -49,6 +49,11 @@ NOISE = r"WARNING|ERROR|retry|unreachable|failing|journal|attempt"
 UNCACHED_READ_BOUND_S = 30.0
 
 
+def _own(key: str) -> bool:
+    """cssfs's own objects (folder policies, attrs records...): hidden by the mount."""
+    return key.rpartition("/")[2].startswith(".cssfs-")
+
+
 class World:
     def __init__(self, tmp: Path, bucket: Any, proxy: Any) -> None:
         import boto3
@@ -73,7 +78,8 @@ class World:
 
     def keys(self) -> set[str]:
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
-        return {item["Key"] for page in pages for item in page.get("Contents", ())}
+        return {item["Key"] for page in pages for item in page.get("Contents", ())
+                if not _own(item["Key"])}
 
     def plaintext(self, identity: Any = None) -> dict[str, bytes]:
         """Every file in the bucket decrypted with ``identity`` (default: ours), directly."""

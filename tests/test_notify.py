@@ -82,6 +82,11 @@ class Notify:
                     return line
 
 
+def _own(key: str) -> bool:
+    """cssfs's own objects (folder policies, attrs records...): hidden by the mount."""
+    return key.rpartition("/")[2].startswith(".cssfs-")
+
+
 class World:
     def __init__(self, tmp: Path, bucket: Any, proxy: Any) -> None:
         import boto3
@@ -109,7 +114,8 @@ class World:
         self.mount.mountpoint.mkdir()
 
     def keys(self) -> set[str]:
-        return {o["Key"] for o in self.s3.list_objects_v2(Bucket=self.bucket).get("Contents", ())}
+        listed = self.s3.list_objects_v2(Bucket=self.bucket).get("Contents", ())
+        return {o["Key"] for o in listed if not _own(o["Key"])}
 
     def journal_entries(self) -> list[Path]:
         return sorted((self.tmp / "state").glob("cssfs/stores/*/journal/*.json"))
