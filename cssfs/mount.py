@@ -15,13 +15,17 @@ Lifetime (docs/MOUNT.md):
    rule, the xattrs and ``--trusted-writers-only``); replay the journal (closed files of an
    earlier run that were not uploaded yet are queued again), then ``pyfuse3.init``;
 2. bind the control socket, send ``READY=1`` to ``$NOTIFY_SOCKET``: the mount is usable;
-3. serve requests (``pyfuse3.main``) while the journal uploads in the background;
+3. serve requests (``pyfuse3.main``) while the journal uploads in the background; ``STATUS=``
+   reports the upload queue whenever it changes;
 4. SIGTERM/SIGINT: upload everything pending while still serving, then ``pyfuse3.terminate``; a
    second signal terminates at once (what is pending stays in the journal for the next mount).
    An unmount by the kernel (``fusermount3 -u``, ``umount``) ends ``pyfuse3.main`` too;
-5. after the main loop: commit files still open, upload everything pending, then
-   ``pyfuse3.close()`` (which unmounts if the kernel has not) -- nothing closed is lost, and the
-   daemon exits only when the bucket has every file. On an error ``pyfuse3.close(unmount=False)``.
+5. after the main loop: ``pyfuse3.close()`` (which unmounts if the kernel has not: nothing
+   serves the mount any more, and one left behind would hang whoever touches it while the store
+   is away), commit files still open, upload everything pending -- retrying while the store is
+   unreachable -- then ``STOPPING=1``: nothing closed is lost, and the daemon exits only when the
+   bucket has every file (or a second signal gave up). On an error
+   ``pyfuse3.close(unmount=False)``.
 """
 
 from __future__ import annotations
