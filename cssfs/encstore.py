@@ -85,14 +85,15 @@ log = logging.getLogger(__name__)
 INLINE_CHUNKS = 2
 #: Chunks sealed per worker-thread hop when uploading (2 MiB; the buffers are reused).
 SEAL_BATCH_CHUNKS = 32
-#: Most chunks fetched by one coalesced ranged GET (1 MiB).
-MAX_COALESCE_CHUNKS = 16
+#: Most chunks fetched by one coalesced ranged GET (4 MiB: per request the server and botocore
+#: spend milliseconds; 4 MiB GETs read a file cold at 1.5-2x the speed of 1 MiB ones here).
+MAX_COALESCE_CHUNKS = 64
 #: The mount's ``whole_object_bytes``: objects up to this size are fetched whole by open (one
 #: GET instead of header, table and chunks: three round trips for a small file), their chunks
 #: decrypted into the cache.
 WHOLE_OBJECT_BYTES = 1024 * 1024 + HEADER_SIZE
-#: Default sequential read-ahead window.
-DEFAULT_READAHEAD_BYTES = 4 * 1024 * 1024
+#: Default sequential read-ahead window (at most a quarter of the cache): four coalesced GETs.
+DEFAULT_READAHEAD_BYTES = 16 * 1024 * 1024
 #: get_to: chunks per ranged GET (4 MiB: per-request costs dominate smaller ones) and GETs in
 #: flight; memory ~ 2 x 4 MiB x (PARALLEL + 1).
 GET_TO_SEGMENT_CHUNKS = 64
