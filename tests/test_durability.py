@@ -170,7 +170,7 @@ def test_kill_9_while_uploads_are_held_loses_no_closed_file(world: World) -> Non
 
 @pytest.mark.timeout(180)
 def test_kill_9_at_random_points_across_50_writes(world: World) -> None:
-    """50 writes (new files and overwrites, cp of random sizes) while the store fails a share
+    """50 writes (new files and overwrites, cp of random sizes) while the store fails 15%
     of requests at random -- 503s, resets, answers lost after the object landed -- so uploads
     are queued, settling, retrying or in flight when the daemon is killed right after a close,
     at four random points. After each kill the next mount must show every file as last
@@ -180,13 +180,15 @@ def test_kill_9_at_random_points_across_50_writes(world: World) -> None:
     kill_after = set(rng.sample(range(4, 49), 4))
     model: dict[str, bytes] = {}
     world.proxy.kinds = {"503": 1.0, "slowdown": 1.0, "reset": 1.0, "drop": 2.0}
-    world.proxy.rate = 0.25
     state = world.tmp / "state"
     kills = 0
     with mounted(f"s3://{world.bucket}", world.tmp / "mnt", world.identity_path,
                  args=world.args, state_home=state) as m:
         m.allow(NOISE)
         run("mkdir", "-p", m.path("d/e"), m.path("f"))
+        # Reads go through the same faults: a rate low enough that no request runs out of the
+        # store's six attempts (0.15**6 per request), high enough for dozens of faults.
+        world.proxy.rate = 0.15
         for i in range(50):
             name = rng.choice(names)
             size = rng.choice([0, 1, 100, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1,
@@ -212,7 +214,7 @@ def test_kill_9_at_random_points_across_50_writes(world: World) -> None:
         assert status["pending"] == 0
         assert status["conflicts"] == 0, status["conflict_copies"]
     assert world.plaintext() == model  # exactly: no conflict copy, no stale version
-    assert world.proxy.injected["drop"] > 0  # lost answers did happen
+    assert world.proxy.injected["drop"] > 0, world.proxy.injected  # lost answers did happen
 
 
 @pytest.mark.timeout(120)
@@ -287,8 +289,8 @@ def test_full_journal_disk_fails_the_close_and_keeps_the_rest(world: World,
             assert m.status()["journal"]["pending"] == 3
             assert m.path("small-1").read_bytes() == b"small 1\n" * 100
         # The kernel's release (after close returned) commits the still-dirty file once more
-        # and fails the same way; until then the disk may still be full.
-        wait_for(lambda: "release: cannot write the journal for big" in m.stderr())
+        # and fails the same way (logged like the close); until then the disk may still be full.
+        wait_for(lambda: m.stderr().count("No space left on device") >= 2)
         assert not [p for p in tiny_state.rglob("*") if p.name.endswith(".tmp")]
         m.path("after").write_bytes(b"there is room again")
         m.sync()
