@@ -253,6 +253,12 @@ class ObjectStore(Protocol):
         """Bytes ``[start, end)`` of the object, clamped to its size like a slice."""
         ...
 
+    async def get_into(self, key: str, start: int, buf: memoryview) -> int:
+        """Bytes ``[start, start + len(buf))`` of the object into ``buf`` (a writable byte
+        view); the count, fewer only where the object ends. Like ``get``, into a buffer the
+        caller reuses (no allocation per read on S3)."""
+        ...
+
     async def put(
         self,
         key: str,
@@ -466,6 +472,11 @@ class StoreBase(abc.ABC):
 
     @abc.abstractmethod
     async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes: ...
+
+    async def get_into(self, key: str, start: int, buf: memoryview) -> int:
+        data = await self.get(key, start, start + len(buf))
+        buf[: len(data)] = data
+        return len(data)
 
     @abc.abstractmethod
     async def put(

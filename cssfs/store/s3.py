@@ -102,6 +102,7 @@ DEFAULT_MAX_CONNECTIONS = 10
 MAX_COPY_PART_SIZE = 5 * 1024**3  # S3: the largest part, and the largest CopyObject source
 DEFAULT_COPY_PART_SIZE = 1024**3  # UploadPartCopy ranges of replace_head, copied in parallel
 _ABORT_RETRY = RetryPolicy(attempts=3, budget=5.0, base_delay=0.1, max_delay=1.0)
+_READ_PIECE = 1024 * 1024  # get_into reads a body this much at a time
 _ABORT_SECONDS = 15  # at most this long in an abort, even while the caller is cancelled
 
 _TRANSIENT_CODES = frozenset(
@@ -425,6 +426,44 @@ class S3Store(StoreBase):
             return b""  # the range starts at or after the end: like a slice, nothing
         self.stats.bytes_received += len(data)
         return data
+
+    async def get_into(self, key: str, start: int, buf: memoryview) -> int:
+        check_range(start, None)
+        if not len(buf):
+            await self.head(key)  # an empty range of an object that must exist
+            return 0
+        full = self.full_key(key)
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": full,
+            "Range": f"bytes={start}-{start + len(buf) - 1}",
+        }
+
+        def fetch() -> int:
+            # Read in pieces straight into the caller's buffer: one small temporary per piece
+            # instead of one body-sized bytes object per GET (fresh pages, heap growth).
+            response: Any = self._client.get_object(**params)
+            n = 0
+            with contextlib.closing(response["Body"]) as body:
+                while n < len(buf):
+                    with buf[n : n + _READ_PIECE] as piece:
+                        got = body.readinto(piece)
+                    if not got:
+                        break
+                    n += got
+            expected = response.get("ContentLength", n)
+            if n != expected:
+                raise botocore.exceptions.IncompleteReadError(
+                    actual_bytes=n, expected_bytes=expected
+                )
+            return n
+
+        try:
+            n = await self._call("get", self.where(key), fetch)
+        except _InvalidRange:
+            return 0  # the range starts at or after the end: like a slice, nothing
+        self.stats.bytes_received += n
+        return n
 
     # -- writing ---------------------------------------------------------------------------------
 
