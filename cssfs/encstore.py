@@ -34,9 +34,11 @@ chunk, never plaintext or key bytes.
 from __future__ import annotations
 
 import builtins
+import fcntl
 import io
 import logging
 import os
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -94,8 +96,16 @@ MAX_COALESCE_CHUNKS = 64
 WHOLE_OBJECT_BYTES = 1024 * 1024 + HEADER_SIZE
 #: Default sequential read-ahead window (at most a quarter of the cache): four coalesced GETs.
 DEFAULT_READAHEAD_BYTES = 16 * 1024 * 1024
-#: get_to: chunks per ranged GET (4 MiB: per-request costs dominate smaller ones) and GETs in
-#: flight; memory ~ 2 x 4 MiB x (PARALLEL + 1).
+#: get_to into a regular file: chunks per ranged GET (8 MiB, as boto3's download_file: per
+#: request the server and botocore spend milliseconds, and the request count halves against
+#: 4 MiB) and GETs in flight, each read into a reused buffer (store.get_into), decrypted and
+#: written at its offset by a worker thread through a 1 MiB plaintext buffer. Memory ~
+#: PARALLEL x 8 MiB of ciphertext, allocated once.
+GET_TO_FILE_SEGMENT_CHUNKS = 128
+GET_TO_FILE_PARALLEL = 3
+GET_TO_WRITE_CHUNKS = 16
+#: get_to into a stream (stdout, a pipe, BytesIO): written in order, so each segment's
+#: plaintext waits in a pooled buffer; memory ~ 2 x 4 MiB x (PARALLEL + 1).
 GET_TO_SEGMENT_CHUNKS = 64
 GET_TO_PARALLEL = 4
 
@@ -709,22 +719,93 @@ class EncryptedStore:
         made) save open's HEAD. On error part of the plaintext may have been written: callers
         write to a temporary file and remove it on failure.
 
-        Each segment is decrypted in a worker thread into a plaintext buffer that goes back to
-        a small pool once written, so memory is ~ (GET_TO_PARALLEL + 1) segments of ciphertext
-        and as many of plaintext, allocated once.
+        Into a regular file (not opened for appending) each segment is written at its offset
+        from ``dst``'s position by the thread that decrypted it, and ``dst`` is left positioned
+        after the plaintext; into anything else, in order, through a small pool of plaintext
+        buffers.
         """
         f = await self.open(key, etag=etag, cipher_size=cipher_size)
-        state = f.state
+        update = getattr(progress, "update", None)
+        count = 0
+
+        def counted(n: int) -> None:
+            nonlocal count
+            count += n
+            if callable(update):
+                update(n)
+
+        fd = await trio.to_thread.run_sync(_positional_fd, dst)
+        if fd is None:
+            await self._get_to_stream(f.state, dst, counted)
+        else:
+            base = await trio.to_thread.run_sync(dst.tell)
+            await self._get_to_fd(f.state, fd, base, counted)
+            await trio.to_thread.run_sync(dst.seek, base + count)
+        await trio.to_thread.run_sync(dst.flush)
+        if count != f.size:
+            raise AssertionError("encstore: internal error: get_to wrote the wrong size")
+        return f.info
+
+    async def _get_to_fd(
+        self, state: _OpenState, fd: int, base: int, counted: Callable[[int], None]
+    ) -> None:
+        """get_to into a regular file: segments fetched GET_TO_FILE_PARALLEL at a time, each
+        decrypted and written at its own offset (``base`` + its plaintext offset) in a worker
+        thread, in whatever order they arrive."""
+        chunks = state.envelope.chunk_count
+        size = state.envelope.header.plain_size
+        step = GET_TO_FILE_SEGMENT_CHUNKS
+        limiter = trio.CapacityLimiter(GET_TO_FILE_PARALLEL)
+        # Reused buffers: ciphertext of a segment (one per GET in flight) and 1 MiB of plaintext
+        # (one per decrypting thread).
+        segment_bytes = min(step, chunks) * (CHUNK_SIZE + TAG_SIZE)
+        ciphertexts: builtins.list[bytearray] = []
+        scratch: builtins.list[bytearray] = []
+
+        async def segment(first: int) -> None:
+            stop = min(first + step, chunks)
+            start = chunk_range(first, size)[0]
+            last_off, last_len = chunk_range(stop - 1, size)
+            length = last_off + last_len - start
+            async with limiter:  # bounds the ciphertext in memory, not just the GETs
+                data = ciphertexts.pop() if ciphertexts else bytearray(segment_bytes)
+                with memoryview(data) as view, view[:length] as ct:
+                    got = await self.store.get_into(state.key, start, ct)
+                    if got != length:
+                        err = TruncatedError(
+                            f"chunks {first}-{stop - 1}: short read ({got} bytes)"
+                        )
+                        self._warn(state.key, state.etag, str(err))
+                        raise err
+                    buf = scratch.pop() if scratch else bytearray(GET_TO_WRITE_CHUNKS * CHUNK_SIZE)
+                    try:
+                        n = await trio.to_thread.run_sync(
+                            _open_run_to_fd, state.envelope, first, stop, ct, start, buf, fd,
+                            base, limiter=self.cpu_limiter,
+                        )
+                    except PayloadError as exc:
+                        self._warn(state.key, state.etag, str(exc))
+                        raise
+                scratch.append(buf)
+                ciphertexts.append(data)
+            counted(n)
+
+        async with _nursery() as nursery:
+            for first in range(0, chunks, step):
+                nursery.start_soon(segment, first)
+
+    async def _get_to_stream(
+        self, state: _OpenState, dst: BinaryIO, counted: Callable[[int], None]
+    ) -> None:
+        """get_to into a stream: segments decrypted in parallel, written in order."""
         count = state.envelope.chunk_count
         segments = [
             range(s, min(s + GET_TO_SEGMENT_CHUNKS, count))
             for s in range(0, count, GET_TO_SEGMENT_CHUNKS)
         ]
         send, recv = trio.open_memory_channel[_Segment](GET_TO_PARALLEL - 1)
-        update = getattr(progress, "update", None)
-        written = 0
         pool: builtins.list[bytearray] = []
-        buffer_size = min(GET_TO_SEGMENT_CHUNKS * CHUNK_SIZE, f.size)
+        buffer_size = min(GET_TO_SEGMENT_CHUNKS * CHUNK_SIZE, state.envelope.header.plain_size)
 
         async def fetch_segment(seg: range, out: _Segment) -> None:
             start, data = await self._get_run(state, seg.start, seg.stop)
@@ -762,13 +843,7 @@ class EncryptedStore:
                     if length:
                         await trio.to_thread.run_sync(write, data, length)
                     pool.append(data)
-                    written += length
-                    if callable(update):
-                        update(length)
-        await trio.to_thread.run_sync(dst.flush)
-        if written != f.size:
-            raise AssertionError("encstore: internal error: get_to wrote the wrong size")
-        return f.info
+                    counted(length)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -1070,6 +1145,62 @@ def _open_run_into(
             with src[off - base : off - base + length] as ct, dst[p : p + length - TAG_SIZE] as pt:
                 envelope.open_chunk_into(i, ct, pt)
     return length_total
+
+
+def _positional_fd(dst: BinaryIO) -> int | None:
+    """The descriptor of ``dst`` if it is a regular file that takes positional writes (not
+    opened for appending), its buffer flushed; else None."""
+    try:
+        fd = dst.fileno()
+        if not dst.seekable():
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+            return None
+        dst.flush()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+    return fd
+
+
+def _open_run_to_fd(
+    envelope: OpenedEnvelope,
+    first: int,
+    stop: int,
+    data: bytes | bytearray | memoryview,
+    base: int,
+    scratch: bytearray,
+    fd: int,
+    file_base: int,
+) -> int:
+    """Decrypt the chunks [first, stop) from ``data`` (which starts at envelope offset
+    ``base``) through ``scratch`` and write them at their plaintext offsets (+ ``file_base``)
+    in ``fd``; the bytes written. A piece is written only once every chunk in it verified; the
+    first chunk that does not verify raises."""
+    size = envelope.header.plain_size
+    per = len(scratch) // CHUNK_SIZE
+    total = 0
+    with memoryview(data) as src, memoryview(scratch) as out:
+        for group in range(first, stop, per):
+            n = 0
+            for i in range(group, min(group + per, stop)):
+                off, length = chunk_range(i, size)
+                with src[off - base : off - base + length] as ct, out[
+                    n : n + length - TAG_SIZE
+                ] as pt:
+                    envelope.open_chunk_into(i, ct, pt)
+                n += length - TAG_SIZE
+            with out[:n] as piece:
+                _pwrite_all(fd, piece, file_base + group * CHUNK_SIZE)
+            total += n
+    return total
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data = data[written:]
+        offset += written
 
 
 class EncryptedFile:
