@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Generic, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import constant_time
@@ -430,6 +430,13 @@ class EnvelopeWriter:
             raise ValueError("envelope: internal error: chunk hash set twice or malformed")
         self._hashes[index] = digest
 
+    def open_sealed(self, index: int, ciphertext: Buffer) -> bytes:
+        """The plaintext of chunk ``index`` (not the last) that this writer sealed earlier:
+        to read back a file while it is still being written. ChunkAuthError if it changed."""
+        if index >= len(self._hashes) or (self._done and index == len(self._hashes) - 1):
+            raise ValueError("envelope: internal error: open_sealed of a chunk not sealed")
+        return self._cipher.open(index, ciphertext, last=False)
+
     def finish(self) -> tuple[bytes, bytes]:
         """(header region of HEADER_SIZE bytes, chunk table) once the last chunk is sealed."""
         if not self._done:
@@ -655,11 +662,12 @@ def read_full(src: BinaryIO, view: memoryview) -> int:
 #: The stream helpers work a batch of chunks at a time: the calling thread reads, runs AES-GCM
 #: and writes, while the SHA-256 of the ciphertext (the chunk table, a 5x slower pass than GCM)
 #: runs on worker threads -- cryptography releases the GIL while it hashes, so on two cores the
-#: hashing overlaps the rest. Small batches keep memory under 1 MiB; a batch costs a thread
-#: hand-off (tens of microseconds), a few percent of its hashing.
-STREAM_BATCH_CHUNKS = 2
-#: Batches in flight, each with a ciphertext buffer of its own (and, for a seekable decrypt,
-#: a plaintext buffer: it is released only once the batch's hashes match the table).
+#: hashing overlaps the rest. A batch whose hashing no worker has started by the time its
+#: buffer is needed again is hashed by the calling thread itself: on a machine with no core to
+#: spare, waiting for a worker to be scheduled would only stall the pipeline. Batches of 3
+#: chunks, 3 in flight, one shared plaintext buffer: memory stays under 1 MiB.
+STREAM_BATCH_CHUNKS = 3
+#: Batches in flight, each with a ciphertext buffer of its own.
 STREAM_DEPTH = 3
 #: Worker threads hashing ciphertext.
 HASH_THREADS = 2
@@ -668,7 +676,7 @@ _T = TypeVar("_T")
 
 
 def _digests(ciphertext: memoryview, spans: list[tuple[int, int]]) -> list[bytes]:
-    """SHA-256 of each ``ciphertext[a:b]`` (a worker thread's job)."""
+    """SHA-256 of each ``ciphertext[a:b]``."""
     return [sha256(ciphertext[a:b]) for a, b in spans]
 
 
@@ -676,7 +684,7 @@ def _first_mismatch(
     ciphertext: memoryview, spans: list[tuple[int, int]], expected: bytes
 ) -> int | None:
     """The position in ``spans`` of the first chunk whose SHA-256 is not its entry in
-    ``expected`` (32 bytes each), or None (a worker thread's job)."""
+    ``expected`` (32 bytes each), or None."""
     for k, (a, b) in enumerate(spans):
         if sha256(ciphertext[a:b]) != expected[HASH_SIZE * k : HASH_SIZE * (k + 1)]:
             return k
@@ -702,30 +710,39 @@ class _Workers:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _Batch:
-    """One batch of chunks in flight: its buffers (reused), where it starts, its hash job."""
+class _Job(Generic[_T]):
+    """``fn(*args)`` handed to the workers; ``result()`` runs it on the calling thread instead
+    if no worker has started it yet."""
 
-    __slots__ = ("ct", "failure", "first", "job", "plain", "stop")
+    __slots__ = ("_args", "_fn", "_future")
+
+    def __init__(self, workers: _Workers, fn: Callable[..., _T], *args: object) -> None:
+        self._fn = fn
+        self._args = args
+        self._future = workers.submit(fn, *args)
+
+    def result(self) -> _T:
+        if self._future.cancel():
+            return self._fn(*self._args)
+        return self._future.result()
+
+
+class _Batch:
+    """One batch of chunks in flight: its ciphertext buffer (reused), its chunks, its job."""
+
+    __slots__ = ("ct", "first", "job", "spans", "stop")
 
     def __init__(self) -> None:
-        self.plain = bytearray()
         self.ct = bytearray()
         self.first = self.stop = 0
-        self.job: Future[Any] | None = None
-        self.failure: ChunkAuthError | None = None
+        self.spans: list[tuple[int, int]] = []
+        self.job: _Job[Any] | None = None
 
-    def buffers(self, plain: int, ct: int) -> tuple[memoryview, memoryview]:
-        """Views of at least ``plain`` and ``ct`` bytes, allocated at first use."""
-        if len(self.plain) < plain:
-            self.plain = bytearray(plain)
-        if len(self.ct) < ct:
-            self.ct = bytearray(ct)
-        return memoryview(self.plain), memoryview(self.ct)
-
-    def share_plain(self, plain: bytearray) -> None:
-        """Use ``plain`` (shared by every batch) as this batch's plaintext buffer: where a
-        batch's plaintext is done with before the next batch starts."""
-        self.plain = plain
+    def buffer(self) -> memoryview:
+        """A view of the ciphertext buffer (one batch of full chunks), allocated at first use."""
+        if not self.ct:
+            self.ct = bytearray(STREAM_BATCH_CHUNKS * (CHUNK_SIZE + TAG_SIZE))
+        return memoryview(self.ct)
 
 
 def encrypt_stream(
@@ -778,10 +795,8 @@ def encrypt_stream(
 def _seal_body(src: BinaryIO, body: BinaryIO, writer: EnvelopeWriter) -> None:
     """Seal all of ``src`` into ``body``, a batch at a time, hashing on worker threads."""
     batch_bytes = STREAM_BATCH_CHUNKS * CHUNK_SIZE
+    plain = memoryview(bytearray(batch_bytes + 1))  # shared: done with once sealed
     batches = [_Batch() for _ in range(STREAM_DEPTH)]
-    shared = bytearray(batch_bytes + 1)  # plaintext is done with once sealed
-    for batch in batches:
-        batch.share_plain(shared)
     carry: int | None = None  # the look-ahead byte: a full batch is the last only if no more
 
     def harvest(batch: _Batch) -> None:
@@ -793,15 +808,13 @@ def _seal_body(src: BinaryIO, body: BinaryIO, writer: EnvelopeWriter) -> None:
     with _Workers() as workers:
         for turn in itertools.count():
             batch = batches[turn % STREAM_DEPTH]
-            harvest(batch)  # its buffers are free again
-            plain, ct = batch.buffers(
-                batch_bytes + 1, STREAM_BATCH_CHUNKS * (CHUNK_SIZE + TAG_SIZE)
-            )
+            harvest(batch)  # its buffer is free again
+            ct = batch.buffer()
             have = 0
             if carry is not None:
                 plain[0] = carry
                 have = 1
-            have += read_full(src, plain[have : batch_bytes + 1])
+            have += read_full(src, plain[have:])
             last = have <= batch_bytes
             n = have if last else batch_bytes
             carry = None if last else plain[batch_bytes]
@@ -824,7 +837,7 @@ def _seal_body(src: BinaryIO, body: BinaryIO, writer: EnvelopeWriter) -> None:
                 for k, digest in enumerate(_digests(sealed, spans)):
                     writer._set_hash(batch.first + k, digest)
             else:
-                batch.job = workers.submit(_digests, sealed, spans)
+                batch.job = _Job(workers, _digests, sealed, spans)
             body.write(sealed)
             if last:
                 break
@@ -887,45 +900,40 @@ def decrypt_stream(
     dst.flush()
 
 
-def _read_batch(src: BinaryIO, ct: memoryview, first: int, stop: int, size: int) -> int:
-    """Read the ciphertext of chunks [first, stop) into ``ct``; its length. TruncatedError
-    naming the first chunk that is not all there."""
-    base = chunk_range(first, size)[0]
-    last_off, last_len = chunk_range(stop - 1, size)
-    total = last_off + last_len - base
+def _read_batch(src: BinaryIO, batch: _Batch, ct: memoryview, size: int) -> memoryview:
+    """Read the ciphertext of the batch's chunks into ``ct`` (setting ``batch.spans``); the
+    view of it. TruncatedError naming the first chunk that is not all there."""
+    base = chunk_range(batch.first, size)[0]
+    batch.spans = []
+    for index in range(batch.first, batch.stop):
+        off, length = chunk_range(index, size)
+        batch.spans.append((off - base, off - base + length))
+    total = batch.spans[-1][1]
     got = read_full(src, ct[:total])
     if got != total:
-        short = first + got // (CHUNK_SIZE + TAG_SIZE)
+        short = batch.first + got // (CHUNK_SIZE + TAG_SIZE)
         raise TruncatedError(f"envelope is truncated in chunk {short}")
-    return total
+    return ct[:total]
 
 
-def _open_batch(
-    opened: OpenedEnvelope, batch: _Batch, ct: memoryview, plain: memoryview
-) -> list[tuple[int, int]]:
-    """AES-GCM open chunks [batch.first, batch.stop) of ``ct`` into ``plain``; their spans in
-    ``ct``. A chunk whose tag fails is noted in ``batch.failure`` (the chunks after it are
-    left alone): the caller raises it once the chunks before it are released."""
-    spans = _spans(batch.first, batch.stop, opened.header.plain_size)
-    batch.failure = None
-    for k, (a, b) in enumerate(spans):
-        index = batch.first + k
+def _open_chunks(
+    opened: OpenedEnvelope, batch: _Batch, stop: int, ct: memoryview, plain: memoryview
+) -> ChunkAuthError | None:
+    """AES-GCM open the batch's chunks before ``stop`` into ``plain``; the failure of the first
+    whose tag does not verify (the ones before it are open), else None."""
+    for k, (a, b) in enumerate(batch.spans[: stop - batch.first]):
         p = CHUNK_SIZE * k
         try:
-            opened._open_unlisted_into(index, ct[a:b], plain[p : p + b - a - TAG_SIZE])
+            opened._open_unlisted_into(batch.first + k, ct[a:b], plain[p : p + b - a - TAG_SIZE])
         except ChunkAuthError as exc:
-            batch.failure = exc
-            break
-    return spans
+            return exc
+    return None
 
 
-def _release(dst: BinaryIO, batch: _Batch, size: int, bad: int | None) -> None:
-    """Write the plaintext of the batch's chunks before chunk ``bad`` (all if None)."""
-    stop = batch.stop if bad is None else bad
-    if stop > batch.first:
-        length = min(stop * CHUNK_SIZE, size) - batch.first * CHUNK_SIZE
-        with memoryview(batch.plain) as view, view[:length] as plain:
-            dst.write(plain)
+def _write_chunks(dst: BinaryIO, plain: memoryview, first: int, stop: int, size: int) -> None:
+    """Write the plaintext of chunks [first, stop), which starts ``plain``."""
+    if stop > first:
+        dst.write(plain[: min(stop * CHUNK_SIZE, size) - first * CHUNK_SIZE])
 
 
 def _decrypt_seekable(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope, start: int) -> None:
@@ -939,25 +947,26 @@ def _decrypt_seekable(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope, star
     if _hash_region(src, table_length) != header.table_hash:
         raise PayloadError("chunk table does not match the writer's signature")
     # Pass 2: chunks, each checked against its table entry; the table is read a window at a
-    # time (memory stays flat) and hashed again, in case the file changed between passes.
+    # time (memory stays flat) and hashed again, in case the file changed between passes. A
+    # batch's chunks are hashed (workers) while earlier batches are opened and written (here):
+    # the first chunk that fails its entry or its tag ends it, after the chunks before it.
     batches = [_Batch() for _ in range(STREAM_DEPTH)]
     queue: collections.deque[_Batch] = collections.deque()
+    plain = memoryview(bytearray(STREAM_BATCH_CHUNKS * CHUNK_SIZE))
     recheck = sha256_hasher()
 
-    def finish_oldest() -> None:
+    def release_oldest() -> None:
         batch = queue.popleft()
         assert batch.job is not None
         mismatch = batch.job.result()
         batch.job = None
-        bad_hash = None if mismatch is None else batch.first + mismatch
-        failure = batch.failure
-        if bad_hash is not None and (failure is None or bad_hash <= failure.index):
-            _release(dst, batch, size, bad_hash)
-            raise ChunkAuthError(bad_hash, "does not match the chunk table")
+        stop = batch.stop if mismatch is None else batch.first + mismatch
+        failure = _open_chunks(opened, batch, stop, batch.buffer(), plain)
+        _write_chunks(dst, plain, batch.first, stop if failure is None else failure.index, size)
         if failure is not None:
-            _release(dst, batch, size, failure.index)
             raise failure
-        _release(dst, batch, size, None)
+        if mismatch is not None:
+            raise ChunkAuthError(stop, "does not match the chunk table")
 
     with _Workers() as workers:
         turn = 0
@@ -971,34 +980,16 @@ def _decrypt_seekable(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope, star
                 batch = batches[turn % STREAM_DEPTH]
                 turn += 1
                 if batch.job is not None:
-                    finish_oldest()  # the oldest batch is this one: its buffers are free again
+                    release_oldest()  # the oldest batch is this one: its buffer is free again
                 batch.first, batch.stop = first, min(first + STREAM_BATCH_CHUNKS, base + n)
-                plain, ct = batch.buffers(
-                    STREAM_BATCH_CHUNKS * CHUNK_SIZE,
-                    STREAM_BATCH_CHUNKS * (CHUNK_SIZE + TAG_SIZE),
-                )
-                total = _read_batch(src, ct, batch.first, batch.stop, size)
-                spans = _spans(batch.first, batch.stop, size)
-                expected = bytes(
-                    window[HASH_SIZE * (first - base) : HASH_SIZE * (batch.stop - base)]
-                )
-                batch.job = workers.submit(_first_mismatch, ct[:total], spans, expected)
+                ct = _read_batch(src, batch, batch.buffer(), size)
+                expected = bytes(window[HASH_SIZE * (first - base) : HASH_SIZE * (batch.stop - base)])
+                batch.job = _Job(workers, _first_mismatch, ct, batch.spans, expected)
                 queue.append(batch)
-                _open_batch(opened, batch, ct, plain)
         while queue:
-            finish_oldest()
+            release_oldest()
     if recheck.finalize() != header.table_hash:
         raise PayloadError("the envelope changed while it was being read")
-
-
-def _spans(first: int, stop: int, size: int) -> list[tuple[int, int]]:
-    """Where chunks [first, stop) lie in a buffer holding their ciphertext from chunk first."""
-    base = chunk_range(first, size)[0]
-    spans = []
-    for index in range(first, stop):
-        off, length = chunk_range(index, size)
-        spans.append((off - base, off - base + length))
-    return spans
 
 
 def _decrypt_sequential(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope) -> None:
@@ -1006,13 +997,12 @@ def _decrypt_sequential(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope) ->
     size, count = header.plain_size, opened.chunk_count
     _, table_length = table_range(size)
     # SHA-256 over the hashes of the chunks as read: equals the table hash iff they are the
-    # chunks the writer listed -- no need to keep the hashes themselves.
+    # chunks the writer listed -- no need to keep the hashes themselves. The hashes come from
+    # the workers, in order; on a pipe each chunk is released once its tag verifies.
     payload_digest = sha256_hasher()
     batches = [_Batch() for _ in range(STREAM_DEPTH)]
-    shared = bytearray(STREAM_BATCH_CHUNKS * CHUNK_SIZE)  # plaintext is written at once
-    for batch in batches:
-        batch.share_plain(shared)
     queue: collections.deque[_Batch] = collections.deque()
+    plain = memoryview(bytearray(STREAM_BATCH_CHUNKS * CHUNK_SIZE))
 
     def harvest_oldest() -> None:
         batch = queue.popleft()
@@ -1025,19 +1015,15 @@ def _decrypt_sequential(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope) ->
         for turn, first in enumerate(range(0, count, STREAM_BATCH_CHUNKS)):
             batch = batches[turn % STREAM_DEPTH]
             if batch.job is not None:
-                harvest_oldest()  # the oldest batch is this one: its buffers are free again
+                harvest_oldest()  # the oldest batch is this one: its buffer is free again
             batch.first, batch.stop = first, min(first + STREAM_BATCH_CHUNKS, count)
-            plain, ct = batch.buffers(
-                STREAM_BATCH_CHUNKS * CHUNK_SIZE, STREAM_BATCH_CHUNKS * (CHUNK_SIZE + TAG_SIZE)
-            )
-            total = _read_batch(src, ct, batch.first, batch.stop, size)
-            batch.job = workers.submit(_digests, ct[:total], _spans(batch.first, batch.stop, size))
+            ct = _read_batch(src, batch, batch.buffer(), size)
+            batch.job = _Job(workers, _digests, ct, batch.spans)
             queue.append(batch)
-            _open_batch(opened, batch, ct, plain)
-            # On a pipe a chunk is released once its tag verifies (see decrypt_stream).
-            _release(dst, batch, size, None if batch.failure is None else batch.failure.index)
-            if batch.failure is not None:
-                raise batch.failure
+            failure = _open_chunks(opened, batch, batch.stop, ct, plain)
+            _write_chunks(dst, plain, first, batch.stop if failure is None else failure.index, size)
+            if failure is not None:
+                raise failure
         while queue:
             harvest_oldest()
     table_digest = _hash_region(src, table_length)

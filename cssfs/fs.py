@@ -790,6 +790,8 @@ class Operations(pyfuse3.Operations):
                 await _close(base)
                 return state
             state.staged = await self.new_staged(base)
+            if base is None:  # written from its start: sealed as it is written
+                state.staged.attach_sink(self.journal.seal_sink(node.path))
             state.base = base
             state.dirty = truncate
             state.mtime_ns = _now_ns() if truncate else attrs.mtime_ns
@@ -862,6 +864,7 @@ class Operations(pyfuse3.Operations):
                     state.mtime_ns = _now_ns()
             else:
                 state.staged = await self.new_staged(None)
+                state.staged.attach_sink(self.journal.seal_sink(path))
                 state.mode = (mode & 0o7777) or FILE_MODE
                 state.base_etag = None
                 state.dirty = True  # a new file is written even if it stays empty

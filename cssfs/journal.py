@@ -63,6 +63,7 @@ from cssfs.encstore import EncryptedStore
 from cssfs.envelope import (
     CHUNK_SIZE,
     HEADER_SIZE,
+    TAG_SIZE,
     EnvelopeWriter,
     OpenedEnvelope,
     check_envelope_size,
@@ -281,6 +282,79 @@ class _Record:
 class _Current:
     etag: str
     salt: bytes | None
+
+
+class SealSink:
+    """The envelope of a new file, sealed chunk by chunk while the file is still written
+    (staging.ChunkSink; made by Journal.seal_sink). Its file is ``seal-<random>.tmp`` until a
+    commit finishes it and renames it into the journal; a file never committed is removed
+    when the StagedFile closes (and, after a crash, at replay, as every ``*.tmp``)."""
+
+    def __init__(self, journal: Journal, key: str) -> None:
+        self.journal = journal
+        self.key = key  # at open: the recipients were chosen for it
+        self.live = True
+        self.writer: EnvelopeWriter | None = None
+        self.recipients: Sequence[Recipient] = ()
+        self.unresolved = False
+        self.path: Path | None = None
+        self.fd = -1
+        self.count = 0  # chunks sealed into the file
+        self._name = ""
+        self._committed = False
+
+    def __repr__(self) -> str:
+        return f"SealSink(count={self.count}, live={self.live})"
+
+    async def put(self, first: int, chunks: list[bytes]) -> bool:
+        if not self.live or first != self.count:
+            return False
+        journal = self.journal
+        if self.writer is None:
+            self.recipients, self.unresolved = await journal._recipients_for(self.key)
+            self.writer = EnvelopeWriter(journal._identity, self.recipients,
+                                         binding=journal._enc.binding_for(self.key))
+            self._name = f"seal-{secrets.token_hex(8)}.tmp"
+            journal._seal_files.add(self._name)
+            self.path = journal.directory / self._name
+            self.fd = await trio.to_thread.run_sync(_create_exclusive, self.path)
+        if not self.live:  # detached while we waited
+            return False
+        offset = HEADER_SIZE + self.count * (CHUNK_SIZE + TAG_SIZE)
+        await trio.to_thread.run_sync(
+            _seal_batch, self.writer, [(c, False) for c in chunks], self.fd, offset,
+            limiter=journal._enc.cpu_limiter,
+        )
+        self.count += len(chunks)
+        return True
+
+    async def get(self, index: int) -> bytes:
+        if self.writer is None or index >= self.count:
+            raise JournalError(f"journal: internal error: chunk {index} was not sealed here")
+        sealed = await trio.to_thread.run_sync(
+            os.pread, self.fd, CHUNK_SIZE + TAG_SIZE,
+            HEADER_SIZE + index * (CHUNK_SIZE + TAG_SIZE),
+        )
+        return self.writer.open_sealed(index, sealed)
+
+    def detach(self) -> None:
+        self.live = False
+
+    def installed(self, path: Path) -> None:
+        """A commit renamed the file into the journal: it is the journal's now (the open
+        descriptor still reads the chunks back)."""
+        self._committed = True
+        self.path = path
+        self.journal._seal_files.discard(self._name)
+
+    def close(self) -> None:
+        self.live = False
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not self._committed and self.path is not None:
+            _unlink_quietly(self.path)
+            self.journal._seal_files.discard(self._name)
 
 
 class PendingFile:
@@ -640,6 +714,9 @@ class Journal:
         self._sealing[key] = self._sealing.get(key, 0) + 1
         tmp_name = ""
         try:
+            sink = await self._usable_sink(key, staged)
+            if sink is not None:
+                return await self._commit_sunk(key, staged, sink, mtime_ns, mode, base_etag)
             if chunk_count(staged.size) <= SMALL_COMMIT_CHUNKS:
                 return await self._commit_small(key, staged, mtime_ns, mode, base_etag)
             tmp: Path | None = self.directory / f"seal-{secrets.token_hex(8)}.tmp"
@@ -687,6 +764,91 @@ class Journal:
                 del self._sealing[key]
             self._sealing_done.set()
             self._sealing_done = trio.Event()
+
+    def seal_sink(self, key: str) -> SealSink:
+        """A sink for a new file being written at ``key``: StagedFile hands it finished chunks,
+        sealed at once into the envelope its close will commit (staging.py, "Sinking")."""
+        return SealSink(self, key)
+
+    async def _usable_sink(self, key: str, staged: PlainFile) -> SealSink | None:
+        """The sink holding the start of ``staged``, if the commit can finish its envelope:
+        still live, and sealed for exactly the recipients a new envelope at ``key`` gets now
+        (a rename into another folder since may have changed them)."""
+        prefix = getattr(staged, "sealed_prefix", None)
+        if prefix is None:
+            return None
+        sink, sunk = prefix
+        if not isinstance(sink, SealSink) or sink.journal is not self or sink.count != sunk:
+            return None
+        if sink.writer is None or not sink.live:
+            return None
+        recipients, unresolved = await self._recipients_for(key)
+        if unresolved != sink.unresolved or _keys_of(recipients) != _keys_of(sink.recipients):
+            sink.detach()
+            return None
+        return sink
+
+    async def _commit_sunk(
+        self, key: str, staged: PlainFile, sink: SealSink, mtime_ns: int, mode: int,
+        base_etag: str | None,
+    ) -> PendingInfo:
+        """commit() of a file whose start the sink already sealed: seal the rest into the
+        sink's file, build the header (bound to ``key``, with this mtime and mode), fsync, then
+        rename it to ``<seq>.env`` and write the sidecar, as every commit does."""
+        assert sink.writer is not None and sink.path is not None
+        size = staged.size
+        count = chunk_count(size)
+        # From here on the file is this commit's: the sink only reads its chunks back (also
+        # if the commit fails: a later one then seals the whole file anew).
+        sink.live = False
+        offset = HEADER_SIZE + sink.count * (CHUNK_SIZE + TAG_SIZE)
+        index = sink.count
+        while index < count:
+            stop = min(count, index + SEAL_BATCH_CHUNKS)
+            batch = await self._read_batch(key, staged, index, count, stop)
+            offset += await self._write_io(
+                key, _seal_batch, sink.writer, batch, sink.fd, offset,
+                limiter=self._enc.cpu_limiter,
+            )
+            index = stop
+        header, table = sink.writer.finish()
+        header = open_header(header, self._identity).reseal(
+            binding=self._enc.binding_for(key), mtime_ns=mtime_ns, mode=mode & 0o7777
+        )
+        await self._write_io(key, _finish_envelope, sink.fd, header, table, offset)
+        cipher_size = offset + len(table)
+        check_envelope_size(size, cipher_size)
+        parsed = parse_header(header)
+        env = _Envelope(sink.path, parsed.salt, size, cipher_size, parsed.binding,
+                        parsed.mtime_ns, parsed.mode, sink.unresolved)
+        async with self._mutex:
+            seq = self._take_seq()
+            path = self._env_path(seq)
+            base = _Expect({base_etag} if base_etag else set(), set(), base_etag)
+            plan = self._plan(key, base)
+            record = _Record(seq, env)
+            op = _Op(
+                "put", key, plan.expect, record, env=env, mtime_ns=env.mtime_ns, mode=env.mode,
+                ready_at=trio.current_time() + self.settle_s,
+            )
+            record.put = op
+            sealed, env.path = sink.path, path
+            data = self._sidecar(record)
+            try:
+                await trio.to_thread.run_sync(self._install_sync, sealed, path, seq, data)
+            except OSError as exc:
+                raise JournalError(
+                    f"cannot write the journal for {key}: {exc.strerror}", exc.errno
+                ) from exc
+            sink.installed(path)
+            record.disk_put = True
+            self._records[seq] = record
+            self._queue(key).append(op)
+            await self._apply(plan)
+            self._kick()
+        log.debug("journal: committed entry %d (%d bytes, %d chunks sealed while written)",
+                  seq, env.size, sink.count)
+        return PendingInfo(key, env.size, env.mtime_ns, env.mode)
 
     async def _commit_small(
         self, key: str, staged: PlainFile, mtime_ns: int, mode: int, base_etag: str | None
@@ -746,6 +908,15 @@ class Journal:
                           ) -> tuple[EnvelopeWriter, bool]:
         """A new envelope's writer for ``key``, and whether its recipients are unresolved (the
         store did not answer: sealed for us alone, resolved before the upload)."""
+        recipients, unresolved = await self._recipients_for(key)
+        writer = EnvelopeWriter(
+            self._identity, recipients, binding=self._enc.binding_for(key), mtime_ns=mtime_ns,
+            mode=mode & 0o7777,
+        )
+        return writer, unresolved
+
+    async def _recipients_for(self, key: str) -> tuple[Sequence[Recipient], bool]:
+        """Who a new envelope at ``key`` is for (besides us), and whether that is unresolved."""
         # A close must not fail (or wait long) because the store is down. Why sealing for us
         # alone is safe then: the writer is a recipient of every file it writes, so this is a
         # subset of whatever the folder's policy says; the policy's recipients are added to the
@@ -761,11 +932,7 @@ class Journal:
                 except StoreUnavailableError as exc:
                     log.info("journal: %s; sealing for us alone until the store answers", exc)
                     self._unreachable = True
-        writer = EnvelopeWriter(
-            self._identity, recipients, binding=self._enc.binding_for(key), mtime_ns=mtime_ns,
-            mode=mode & 0o7777,
-        )
-        return writer, unresolved
+        return recipients, unresolved
 
     async def _seal(
         self, path: Path, key: str, staged: PlainFile, mtime_ns: int, mode: int
@@ -1590,6 +1757,10 @@ class Journal:
             self._move_broken_sync, self._sidecar_path(record.seq).name, exc
         )
         self._kick()
+
+
+def _keys_of(recipients: Sequence[Recipient]) -> set[bytes]:
+    return {r.x25519 for r in recipients}
 
 
 def _has_salts_of_others(expect: _Expect, env: _Envelope) -> bool:

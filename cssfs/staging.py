@@ -33,6 +33,15 @@ files need not survive one; the journal makes *closed* files durable. Each slot 
 file and held only in memory, with associated data ``chunk index || length || generation``.
 Plaintext never touches the disk.
 
+Sinking. A new file written from its start (cp, rsync, an editor saving) may be given a *sink*
+(the journal's envelope under construction, ``attach_sink``): once SINK_BATCH_CHUNKS chunks
+before the last one are complete, they leave memory and are handed to the sink in order, which
+seals them straight into the envelope the close will commit -- no spilling, no second pass at
+close. Chunks ``[0, sunk)`` then live in the sink and are read back from it (``get``). The
+first write into them, a truncate below them, or a hole stops the sinking for good: the sink
+is *detached* (never finished) and the sunk chunks become clean chunks read from it, like a
+base's.
+
 Why a random 96-bit nonce per sealed chunk is safe here: a key lives as long as one open file
 and is never stored or reused, and a slot is rewritten in place whenever its chunk spills
 again, so counters would have to be kept per key anyway; with random nonces, q seals under one
@@ -80,6 +89,28 @@ class PlainFile(Protocol):
     def size(self) -> int: ...
 
     async def read(self, offset: int, size: int) -> bytes: ...
+
+
+class ChunkSink(Protocol):
+    """Where a file written from its start puts its finished chunks (journal.py's envelope
+    under construction). ``put`` gets full chunks (never the last one), in order, each once;
+    False or an error means it took none and will take no more. ``get`` reads one back.
+    ``live`` is False once it takes no more (detached, or finished by a commit)."""
+
+    @property
+    def live(self) -> bool: ...
+
+    async def put(self, first: int, chunks: list[bytes]) -> bool: ...
+
+    async def get(self, index: int) -> bytes: ...
+
+    def detach(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: Chunks handed to a sink at once (1 MiB: one thread hop to seal them).
+SINK_BATCH_CHUNKS = 16
 
 
 class StagingError(CssfsError):
@@ -200,6 +231,9 @@ class StagedFile:
         self._generation = 0
         self._lock = trio.Lock()
         self._closed = False
+        self._sink: ChunkSink | None = None
+        self._sunk = 0  # chunks [0, _sunk) are in the sink
+        self._sink_limit = 0  # sunk bytes at or above this read as zeros (a truncate cut them)
 
     def __repr__(self) -> str:
         return (
@@ -227,6 +261,21 @@ class StagedFile:
         """Chunks of this file currently in its spill file."""
         return len(self._spilled)
 
+    @property
+    def sealed_prefix(self) -> tuple[ChunkSink, int] | None:
+        """(sink, n) while the sink still holds exactly chunks [0, n) of the file and takes
+        more; the file's other chunks are read as usual."""
+        if self._sink is None or not self._sink.live or self._closed:
+            return None
+        return self._sink, self._sunk
+
+    def attach_sink(self, sink: ChunkSink) -> None:
+        """Hand finished chunks of this new, empty file to ``sink`` (see the module doc)."""
+        if self._base is not None or self._size or self._sink is not None:
+            sink.close()
+            return
+        self._sink = sink
+
     # -- public API ----------------------------------------------------------------------
 
     async def read(self, offset: int, size: int) -> bytes:
@@ -248,6 +297,8 @@ class StagedFile:
             self._check_open()
             end = offset + len(view)
             first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+            if first < self._sunk:
+                self._detach_sink()  # rewriting what the sink holds: no longer sequential
             for i in range(first, last + 1):
                 start = i * CHUNK_SIZE
                 lo = max(offset, start) - start
@@ -264,6 +315,8 @@ class StagedFile:
                 self._put(i, buf)
             self._size = max(self._size, end)
             self._dirty = True
+            if self._sink is not None and self._sink.live:
+                await self._feed_sink()
             return len(view)
 
     async def truncate(self, size: int) -> None:
@@ -273,6 +326,9 @@ class StagedFile:
         async with self._lock:
             self._check_open()
             if size < self._size:
+                if size < self._sunk * CHUNK_SIZE:
+                    self._detach_sink()
+                    self._sink_limit = min(self._sink_limit, size)
                 for i in [i for i in (*self._mem, *self._spilled) if i * CHUNK_SIZE >= size]:
                     self._drop(i)
                 i, keep = divmod(size, CHUNK_SIZE)
@@ -320,6 +376,9 @@ class StagedFile:
         if self._spill is not None:
             self._spill.close()
             self._spill = None
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
         self._base = None
 
     def _check_open(self) -> None:
@@ -331,8 +390,57 @@ class StagedFile:
         start = i * CHUNK_SIZE
         return max(0, min(CHUNK_SIZE, self._size - start))
 
+    def _detach_sink(self) -> None:
+        if self._sink is not None and self._sink.live:
+            self._sink.detach()
+
+    async def _feed_sink(self) -> None:
+        """Hand the full chunks before the last one to the sink, a batch at a time; stop
+        sinking at a hole (a sparse file) or when the sink fails (its chunks stay here)."""
+        assert self._sink is not None
+        last = (self._size - 1) // CHUNK_SIZE
+        while last - self._sunk >= SINK_BATCH_CHUNKS:
+            first = self._sunk
+            indexes = range(first, first + SINK_BATCH_CHUNKS)
+            if any(i not in self._mem and i not in self._spilled for i in indexes):
+                self._detach_sink()  # a hole: zeros are not worth sealing now
+                return
+            taken = [await self._take(i) for i in indexes]
+            for i in indexes:
+                self._drop(i)
+            ok = False
+            try:
+                ok = await self._sink.put(first, [bytes(b) for b in taken])
+            except (OSError, CssfsError) as exc:
+                log.debug("staging: the sink failed (%s); keeping the chunks", exc)
+            finally:
+                if not ok:
+                    self._detach_sink()
+                    for i, buf in zip(indexes, taken, strict=True):
+                        self._put(i, buf)
+            if not ok:
+                return
+            self._sunk += SINK_BATCH_CHUNKS
+            self._sink_limit = self._sunk * CHUNK_SIZE
+
+    async def _sink_bytes(self, offset: int, end: int) -> bytes:
+        """Sunk bytes [offset, min(end, sink_limit)), read back from the sink."""
+        assert self._sink is not None
+        stop = min(end, self._sink_limit)
+        out = bytearray()
+        pos = offset
+        while pos < stop:
+            i = pos // CHUNK_SIZE
+            chunk = await self._sink.get(i)
+            out += chunk[pos - i * CHUNK_SIZE : min(stop, (i + 1) * CHUNK_SIZE) - i * CHUNK_SIZE]
+            pos = (i + 1) * CHUNK_SIZE
+        return bytes(out)
+
     async def _base_bytes(self, offset: int, end: int) -> bytes:
-        """Base bytes [offset, min(end, base_limit)): what a clean region holds before zeros."""
+        """Base bytes [offset, min(end, base_limit)): what a clean region holds before zeros
+        (for a file that had a sink: what the sink holds, below the sink limit)."""
+        if self._sink is not None:
+            return await self._sink_bytes(offset, end)
         stop = min(end, self._base_limit)
         if self._base is None or stop <= offset:
             return b""

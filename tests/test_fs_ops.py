@@ -8,6 +8,7 @@ needs a kernel buffer; it is replaced by a collector.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from pathlib import Path
@@ -546,6 +547,57 @@ async def _another_mount(env: FS, state: Path, nursery: trio.Nursery) -> FS:
     ops = Operations(encstore, journal, new_staged, folder_attrs=attrs, nursery=nursery,
                      strict=True)
     return FS(ops, env.store, journal)
+
+
+@pytest.mark.parametrize("how", ["sequential", "rewrite", "truncate", "sparse", "two_closes",
+                                 "renamed"])
+async def test_a_file_written_from_its_start_is_sealed_as_it_is_written(
+    env: FS, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """staging hands finished chunks to the journal's sink; whatever the writer does after, the
+    file reads back right, open and closed, and from the store."""
+    caplog.set_level(logging.DEBUG, logger="cssfs.journal")
+    data = bytearray(pattern(40 * CS + 123, 3))
+    await env.mkdir("elsewhere")
+    fh = await env.create("big")
+    start = 30 * CS if how == "sparse" else 0
+    for off in range(start, len(data), 100_000):
+        await env.ops.write(fh, off, bytes(data[off : off + 100_000]))
+    if how == "sparse":
+        data[:start] = bytes(start)
+    staged = env.ops._open_file("big").staged  # type: ignore[union-attr]
+    prefix = staged.sealed_prefix
+    if how == "sparse":
+        assert prefix is None  # a hole: nothing sealed early
+    else:
+        assert prefix is not None and prefix[1] >= 32
+        assert await env.ops.read(fh, 5 * CS + 7, 3 * CS) == data[5 * CS + 7 : 8 * CS + 7]
+    if how == "rewrite":
+        await env.ops.write(fh, 3 * CS + 5, b"X" * 70_000)
+        data[3 * CS + 5 : 3 * CS + 70_005] = b"X" * 70_000
+        assert staged.sealed_prefix is None
+    elif how == "truncate":
+        await env.setattr("big", fh, size=10 * CS + 9)
+        del data[10 * CS + 9 :]
+        await env.ops.write(fh, 12 * CS, b"tail")
+        data += bytes(12 * CS - len(data)) + b"tail"
+    elif how == "two_closes":
+        await env.ops.flush(fh)  # commits the sealed prefix...
+        await env.ops.write(fh, len(data), b"more")  # ...and the file goes on
+        data += b"more"
+    elif how == "renamed":
+        await env.rename("big", "elsewhere/big")
+    name = "elsewhere/big" if how == "renamed" else "big"
+    assert await env.ops.read(fh, 0, len(data) + 10) == data
+    await env.close(fh)
+    finished = [r for r in caplog.records if "sealed while written" in r.getMessage()]
+    assert bool(finished) == (how in ("sequential", "two_closes", "renamed"))
+    assert await env.read_file(name) == data
+    await env.journal.flush()
+    env.ops.listings.invalidate_below("")
+    assert await env.read_file(name) == data
+    assert (await env.stat(name)).st_size == len(data)
+    assert not [p for p in env.journal.directory.iterdir() if p.name.startswith("seal-")]
 
 
 async def test_rename_file(env: FS) -> None:
