@@ -4,22 +4,18 @@ This module knows the byte layout of an envelope object -- header region (4096 b
 chunks, chunk table -- and the checks that make it authentic: key commitment, header MAC, the
 writer's Ed25519 signature over the chunk-table hash, the object binding. It must not know:
 stores, FUSE, trio, config or contacts. Apart from the two stream helpers at the bottom, which
-read and write file objects they are given (and hash on a couple of worker threads of their
-own, joined before they return), everything here is a pure function over bytes.
+read and write file objects they are given, everything here is a pure function over bytes.
 """
 
 from __future__ import annotations
 
-import collections
 import io
-import itertools
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, BinaryIO, Generic, TypeVar
+from typing import BinaryIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import constant_time
@@ -414,35 +410,10 @@ class EnvelopeWriter:
         self._record(out, length, last)
         return written
 
-    def _seal_unhashed_into(self, plaintext: Buffer, out: Buffer, *, last: bool) -> int:
-        """AES-GCM only, into ``out``; the chunk index. encrypt_stream hashes the ciphertext in
-        another thread and gives the digest to _set_hash before finish()."""
-        length = len(memoryview(plaintext))
-        index = self._check_chunk(length, last)
-        self._cipher.seal_into(index, plaintext, out, last=last)
-        self._hashes.append(b"")
-        self._plain_size += length
-        self._done = last
-        return index
-
-    def _set_hash(self, index: int, digest: bytes) -> None:
-        if len(digest) != HASH_SIZE or self._hashes[index]:
-            raise ValueError("envelope: internal error: chunk hash set twice or malformed")
-        self._hashes[index] = digest
-
-    def open_sealed(self, index: int, ciphertext: Buffer) -> bytes:
-        """The plaintext of chunk ``index`` (not the last) that this writer sealed earlier:
-        to read back a file while it is still being written. ChunkAuthError if it changed."""
-        if index >= len(self._hashes) or (self._done and index == len(self._hashes) - 1):
-            raise ValueError("envelope: internal error: open_sealed of a chunk not sealed")
-        return self._cipher.open(index, ciphertext, last=False)
-
     def finish(self) -> tuple[bytes, bytes]:
         """(header region of HEADER_SIZE bytes, chunk table) once the last chunk is sealed."""
         if not self._done:
             raise ValueError("envelope: internal error: finish() before the last chunk")
-        if not all(self._hashes):
-            raise ValueError("envelope: internal error: finish() before every chunk is hashed")
         table = b"".join(self._hashes)
         header = Header(
             version=VERSION, chunk_size=CHUNK_SIZE, plain_size=self._plain_size,
@@ -659,92 +630,6 @@ def read_full(src: BinaryIO, view: memoryview) -> int:
     return total
 
 
-#: The stream helpers work a batch of chunks at a time: the calling thread reads, runs AES-GCM
-#: and writes, while the SHA-256 of the ciphertext (the chunk table, a 5x slower pass than GCM)
-#: runs on worker threads -- cryptography releases the GIL while it hashes, so on two cores the
-#: hashing overlaps the rest. A batch whose hashing no worker has started by the time its
-#: buffer is needed again is hashed by the calling thread itself: on a machine with no core to
-#: spare, waiting for a worker to be scheduled would only stall the pipeline. Batches of 3
-#: chunks, 3 in flight, one shared plaintext buffer: memory stays under 1 MiB.
-STREAM_BATCH_CHUNKS = 3
-#: Batches in flight, each with a ciphertext buffer of its own.
-STREAM_DEPTH = 3
-#: Worker threads hashing ciphertext.
-HASH_THREADS = 2
-
-_T = TypeVar("_T")
-
-
-def _digests(ciphertext: memoryview, spans: list[tuple[int, int]]) -> list[bytes]:
-    """SHA-256 of each ``ciphertext[a:b]``."""
-    return [sha256(ciphertext[a:b]) for a, b in spans]
-
-
-def _first_mismatch(
-    ciphertext: memoryview, spans: list[tuple[int, int]], expected: bytes
-) -> int | None:
-    """The position in ``spans`` of the first chunk whose SHA-256 is not its entry in
-    ``expected`` (32 bytes each), or None."""
-    for k, (a, b) in enumerate(spans):
-        if sha256(ciphertext[a:b]) != expected[HASH_SIZE * k : HASH_SIZE * (k + 1)]:
-            return k
-    return None
-
-
-class _Workers:
-    """A pool of HASH_THREADS threads, started on first use and joined on exit."""
-
-    def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-
-    def submit(self, fn: Callable[..., _T], *args: object) -> Future[_T]:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="cssfs-sha256")
-        return self._pool.submit(fn, *args)
-
-    def __enter__(self) -> _Workers:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _Job(Generic[_T]):
-    """``fn(*args)`` handed to the workers; ``result()`` runs it on the calling thread instead
-    if no worker has started it yet."""
-
-    __slots__ = ("_args", "_fn", "_future")
-
-    def __init__(self, workers: _Workers, fn: Callable[..., _T], *args: object) -> None:
-        self._fn = fn
-        self._args = args
-        self._future = workers.submit(fn, *args)
-
-    def result(self) -> _T:
-        if self._future.cancel():
-            return self._fn(*self._args)
-        return self._future.result()
-
-
-class _Batch:
-    """One batch of chunks in flight: its ciphertext buffer (reused), its chunks, its job."""
-
-    __slots__ = ("ct", "first", "job", "spans", "stop")
-
-    def __init__(self) -> None:
-        self.ct = bytearray()
-        self.first = self.stop = 0
-        self.spans: list[tuple[int, int]] = []
-        self.job: _Job[Any] | None = None
-
-    def buffer(self) -> memoryview:
-        """A view of the ciphertext buffer (one batch of full chunks), allocated at first use."""
-        if not self.ct:
-            self.ct = bytearray(STREAM_BATCH_CHUNKS * (CHUNK_SIZE + TAG_SIZE))
-        return memoryview(self.ct)
-
-
 def encrypt_stream(
     src: BinaryIO,
     dst: BinaryIO,
@@ -774,7 +659,20 @@ def encrypt_stream(
     else:
         body = tempfile.TemporaryFile()  # noqa: SIM115 -- closed below
     try:
-        _seal_body(src, body, writer)
+        bufs = (bytearray(CHUNK_SIZE), bytearray(CHUNK_SIZE))
+        out = memoryview(bytearray(CHUNK_SIZE + TAG_SIZE))
+        cur = 0
+        n = read_full(src, memoryview(bufs[cur]))
+        while True:
+            # One chunk of read-ahead: a full chunk is the last only if nothing follows it.
+            next_n = read_full(src, memoryview(bufs[1 - cur])) if n == CHUNK_SIZE else 0
+            last = next_n == 0
+            sealed = out[: n + TAG_SIZE]
+            writer.seal_chunk_into(memoryview(bufs[cur])[:n], sealed, last=last)
+            body.write(sealed)
+            if last:
+                break
+            cur, n = 1 - cur, next_n
         header, table = writer.finish()
         body.write(table)
         if seekable:
@@ -790,59 +688,6 @@ def encrypt_stream(
         if body is not dst:
             body.close()
     dst.flush()
-
-
-def _seal_body(src: BinaryIO, body: BinaryIO, writer: EnvelopeWriter) -> None:
-    """Seal all of ``src`` into ``body``, a batch at a time, hashing on worker threads."""
-    batch_bytes = STREAM_BATCH_CHUNKS * CHUNK_SIZE
-    plain = memoryview(bytearray(batch_bytes + 1))  # shared: done with once sealed
-    batches = [_Batch() for _ in range(STREAM_DEPTH)]
-    carry: int | None = None  # the look-ahead byte: a full batch is the last only if no more
-
-    def harvest(batch: _Batch) -> None:
-        if batch.job is not None:
-            for k, digest in enumerate(batch.job.result()):
-                writer._set_hash(batch.first + k, digest)
-            batch.job = None
-
-    with _Workers() as workers:
-        for turn in itertools.count():
-            batch = batches[turn % STREAM_DEPTH]
-            harvest(batch)  # its buffer is free again
-            ct = batch.buffer()
-            have = 0
-            if carry is not None:
-                plain[0] = carry
-                have = 1
-            have += read_full(src, plain[have:])
-            last = have <= batch_bytes
-            n = have if last else batch_bytes
-            carry = None if last else plain[batch_bytes]
-            count = max(1, -(-n // CHUNK_SIZE))
-            spans: list[tuple[int, int]] = []
-            pos = 0
-            for i in range(count):
-                length = min(CHUNK_SIZE, n - i * CHUNK_SIZE)
-                index = writer._seal_unhashed_into(
-                    plain[i * CHUNK_SIZE : i * CHUNK_SIZE + length],
-                    ct[pos : pos + length + TAG_SIZE],
-                    last=last and i == count - 1,
-                )
-                if i == 0:
-                    batch.first = index
-                spans.append((pos, pos + length + TAG_SIZE))
-                pos += length + TAG_SIZE
-            sealed = ct[:pos]
-            if turn == 0 and last:  # one batch only: no threads for a small file
-                for k, digest in enumerate(_digests(sealed, spans)):
-                    writer._set_hash(batch.first + k, digest)
-            else:
-                batch.job = _Job(workers, _digests, sealed, spans)
-            body.write(sealed)
-            if last:
-                break
-        for batch in batches:
-            harvest(batch)
 
 
 # Chunk-table entries read at a time by decrypt_stream (64 KiB of table per 128 MiB of data).
@@ -881,10 +726,6 @@ def decrypt_stream(
     released once their tag verifies and the table is compared at the end, so content forged by
     a co-recipient (who knows the file key) is detected only then -- PayloadError, after some
     output. The cloud, which lacks the file key, cannot forge any chunk.
-
-    Chunks go a batch at a time: AES-GCM on this thread, SHA-256 on worker threads. Whatever
-    the order the checks finish in, the chunks before the first bad one are released and the
-    error is that chunk's (its table entry before its tag), as if checked one by one.
     """
     seekable = _seekable(src)
     start = src.tell() if seekable else 0
@@ -900,40 +741,12 @@ def decrypt_stream(
     dst.flush()
 
 
-def _read_batch(src: BinaryIO, batch: _Batch, ct: memoryview, size: int) -> memoryview:
-    """Read the ciphertext of the batch's chunks into ``ct`` (setting ``batch.spans``); the
-    view of it. TruncatedError naming the first chunk that is not all there."""
-    base = chunk_range(batch.first, size)[0]
-    batch.spans = []
-    for index in range(batch.first, batch.stop):
-        off, length = chunk_range(index, size)
-        batch.spans.append((off - base, off - base + length))
-    total = batch.spans[-1][1]
-    got = read_full(src, ct[:total])
-    if got != total:
-        short = batch.first + got // (CHUNK_SIZE + TAG_SIZE)
-        raise TruncatedError(f"envelope is truncated in chunk {short}")
-    return ct[:total]
-
-
-def _open_chunks(
-    opened: OpenedEnvelope, batch: _Batch, stop: int, ct: memoryview, plain: memoryview
-) -> ChunkAuthError | None:
-    """AES-GCM open the batch's chunks before ``stop`` into ``plain``; the failure of the first
-    whose tag does not verify (the ones before it are open), else None."""
-    for k, (a, b) in enumerate(batch.spans[: stop - batch.first]):
-        p = CHUNK_SIZE * k
-        try:
-            opened._open_unlisted_into(batch.first + k, ct[a:b], plain[p : p + b - a - TAG_SIZE])
-        except ChunkAuthError as exc:
-            return exc
-    return None
-
-
-def _write_chunks(dst: BinaryIO, plain: memoryview, first: int, stop: int, size: int) -> None:
-    """Write the plaintext of chunks [first, stop), which starts ``plain``."""
-    if stop > first:
-        dst.write(plain[: min(stop * CHUNK_SIZE, size) - first * CHUNK_SIZE])
+def _read_chunk(src: BinaryIO, buf: bytearray, index: int, size: int) -> memoryview:
+    _, ct_len = chunk_range(index, size)
+    ct = memoryview(buf)[:ct_len]
+    if read_full(src, ct) != ct_len:
+        raise TruncatedError(f"envelope is truncated in chunk {index}")
+    return ct
 
 
 def _decrypt_seekable(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope, start: int) -> None:
@@ -947,47 +760,22 @@ def _decrypt_seekable(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope, star
     if _hash_region(src, table_length) != header.table_hash:
         raise PayloadError("chunk table does not match the writer's signature")
     # Pass 2: chunks, each checked against its table entry; the table is read a window at a
-    # time (memory stays flat) and hashed again, in case the file changed between passes. A
-    # batch's chunks are hashed (workers) while earlier batches are opened and written (here):
-    # the first chunk that fails its entry or its tag ends it, after the chunks before it.
-    batches = [_Batch() for _ in range(STREAM_DEPTH)]
-    queue: collections.deque[_Batch] = collections.deque()
-    plain = memoryview(bytearray(STREAM_BATCH_CHUNKS * CHUNK_SIZE))
+    # time (memory stays flat) and hashed again, in case the file changed between passes.
+    ct_buf = bytearray(CHUNK_SIZE + TAG_SIZE)
+    pt_buf = bytearray(CHUNK_SIZE)
     recheck = sha256_hasher()
-
-    def release_oldest() -> None:
-        batch = queue.popleft()
-        assert batch.job is not None
-        mismatch = batch.job.result()
-        batch.job = None
-        stop = batch.stop if mismatch is None else batch.first + mismatch
-        failure = _open_chunks(opened, batch, stop, batch.buffer(), plain)
-        _write_chunks(dst, plain, batch.first, stop if failure is None else failure.index, size)
-        if failure is not None:
-            raise failure
-        if mismatch is not None:
-            raise ChunkAuthError(stop, "does not match the chunk table")
-
-    with _Workers() as workers:
-        turn = 0
-        for base in range(0, count, TABLE_WINDOW):
-            n = min(TABLE_WINDOW, count - base)
-            src.seek(start + table_offset + HASH_SIZE * base)
-            window = _read_exact(src, HASH_SIZE * n)
-            recheck.update(window)
-            src.seek(start + chunk_range(base, size)[0])
-            for first in range(base, base + n, STREAM_BATCH_CHUNKS):
-                batch = batches[turn % STREAM_DEPTH]
-                turn += 1
-                if batch.job is not None:
-                    release_oldest()  # the oldest batch is this one: its buffer is free again
-                batch.first, batch.stop = first, min(first + STREAM_BATCH_CHUNKS, base + n)
-                ct = _read_batch(src, batch, batch.buffer(), size)
-                expected = bytes(window[HASH_SIZE * (first - base) : HASH_SIZE * (batch.stop - base)])
-                batch.job = _Job(workers, _first_mismatch, ct, batch.spans, expected)
-                queue.append(batch)
-        while queue:
-            release_oldest()
+    for base in range(0, count, TABLE_WINDOW):
+        n = min(TABLE_WINDOW, count - base)
+        src.seek(start + table_offset + HASH_SIZE * base)
+        window = _read_exact(src, HASH_SIZE * n)
+        recheck.update(window)
+        src.seek(start + chunk_range(base, size)[0])
+        for index in range(base, base + n):
+            ct = _read_chunk(src, ct_buf, index, size)
+            pt = memoryview(pt_buf)[: len(ct) - TAG_SIZE]
+            k = HASH_SIZE * (index - base)
+            opened._open_checked_into(index, ct, pt, memoryview(window)[k : k + HASH_SIZE])
+            dst.write(pt)
     if recheck.finalize() != header.table_hash:
         raise PayloadError("the envelope changed while it was being read")
 
@@ -996,36 +784,17 @@ def _decrypt_sequential(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope) ->
     header = opened.header
     size, count = header.plain_size, opened.chunk_count
     _, table_length = table_range(size)
+    ct_buf = bytearray(CHUNK_SIZE + TAG_SIZE)
+    pt_buf = bytearray(CHUNK_SIZE)
     # SHA-256 over the hashes of the chunks as read: equals the table hash iff they are the
-    # chunks the writer listed -- no need to keep the hashes themselves. The hashes come from
-    # the workers, in order; on a pipe each chunk is released once its tag verifies.
+    # chunks the writer listed -- no need to keep the hashes themselves.
     payload_digest = sha256_hasher()
-    batches = [_Batch() for _ in range(STREAM_DEPTH)]
-    queue: collections.deque[_Batch] = collections.deque()
-    plain = memoryview(bytearray(STREAM_BATCH_CHUNKS * CHUNK_SIZE))
-
-    def harvest_oldest() -> None:
-        batch = queue.popleft()
-        assert batch.job is not None
-        for digest in batch.job.result():
-            payload_digest.update(digest)
-        batch.job = None
-
-    with _Workers() as workers:
-        for turn, first in enumerate(range(0, count, STREAM_BATCH_CHUNKS)):
-            batch = batches[turn % STREAM_DEPTH]
-            if batch.job is not None:
-                harvest_oldest()  # the oldest batch is this one: its buffer is free again
-            batch.first, batch.stop = first, min(first + STREAM_BATCH_CHUNKS, count)
-            ct = _read_batch(src, batch, batch.buffer(), size)
-            batch.job = _Job(workers, _digests, ct, batch.spans)
-            queue.append(batch)
-            failure = _open_chunks(opened, batch, batch.stop, ct, plain)
-            _write_chunks(dst, plain, first, batch.stop if failure is None else failure.index, size)
-            if failure is not None:
-                raise failure
-        while queue:
-            harvest_oldest()
+    for index in range(count):
+        ct = _read_chunk(src, ct_buf, index, size)
+        pt = memoryview(pt_buf)[: len(ct) - TAG_SIZE]
+        payload_digest.update(sha256(ct))
+        opened._open_unlisted_into(index, ct, pt)
+        dst.write(pt)
     table_digest = _hash_region(src, table_length)
     if src.read(1):
         raise TrailingDataError("trailing data after the envelope")

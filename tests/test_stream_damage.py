@@ -1,8 +1,7 @@
-"""cssfs.envelope stream helpers across many batches: the SHA-256 of the ciphertext runs on worker
-threads while AES-GCM and the I/O run on the caller's, so these check that the outcome is the
-one-chunk-at-a-time outcome -- same bytes, and on damage the same first bad chunk, the same error
-(a chunk's table entry before its tag) and exactly the chunks before it released -- whatever
-batch the damage falls in and whatever order the checks finish in."""
+"""cssfs.envelope stream helpers on a ten-chunk file: on damage anywhere, the first bad chunk is
+the one reported, with its table entry checked before its tag, and exactly the chunks before it
+are released (seekable input); a pipe releases chunks as their tags verify and finds a chunk that
+a co-recipient forged (tag valid, not in the table) at the end."""
 
 from __future__ import annotations
 
@@ -17,16 +16,7 @@ from cssfs.errors import ChunkAuthError, PayloadError, TruncatedError
 from tests.test_envelope import ALICE, BOB, Pipe, Sink, flipped, plaintext, seal
 
 CS = CHUNK_SIZE
-SIZE = 9 * CS + 321  # ten chunks: five batches of two, four of three
-
-
-@pytest.fixture(params=[(2, 3), (3, 2), (1, 1)], ids=["batch2-depth3", "batch3-depth2", "1x1"])
-def batching(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    chunks, depth = request.param
-    monkeypatch.setattr(env, "STREAM_BATCH_CHUNKS", chunks)
-    monkeypatch.setattr(env, "STREAM_DEPTH", depth)
-
-
+SIZE = 9 * CS + 321  # ten chunks, the last one short
 PT = plaintext(SIZE, 7)
 
 
@@ -40,7 +30,6 @@ def _released(out: Sink | io.BytesIO) -> bytes:
     return bytes(out.data) if isinstance(out, Sink) else out.getvalue()
 
 
-@pytest.mark.usefixtures("batching")
 @pytest.mark.parametrize("size", [0, 1, CS, 2 * CS, 3 * CS, 6 * CS + 1, SIZE])
 def test_round_trip(size: int) -> None:
     pt = plaintext(size, size)
@@ -53,7 +42,6 @@ def test_round_trip(size: int) -> None:
     assert len(sink.data) == envelope_size(size)
 
 
-@pytest.mark.usefixtures("batching")
 @pytest.mark.parametrize("chunk", range(10))
 @pytest.mark.parametrize("pipe", [False, True])
 def test_flipped_chunk_releases_exactly_the_chunks_before_it(chunk: int, pipe: bool) -> None:
@@ -85,18 +73,15 @@ def _listed_bad_tag(index: int) -> bytes:
     w = env.EnvelopeWriter(ALICE, [BOB.recipient])
     chunks = []
     for i in range(10):
-        piece = PT[i * CS : (i + 1) * CS]
-        ct = bytearray(len(piece) + env.TAG_SIZE)
-        w._seal_unhashed_into(piece, ct, last=i == 9)
+        ct = bytearray(w.seal_chunk(PT[i * CS : (i + 1) * CS], last=i == 9))
         if i == index:
             ct[-1] ^= 1
-        w._set_hash(i, env.sha256(ct))
+            w._hashes[i] = env.sha256(ct)  # the writer lists the broken chunk
         chunks.append(bytes(ct))
     header, table = w.finish()
     return header + b"".join(chunks) + table
 
 
-@pytest.mark.usefixtures("batching")
 @pytest.mark.parametrize(("forged", "bad_tag"), [(3, 7), (7, 3), (4, 5), (5, 4), (8, 9), (9, 8)])
 def test_first_bad_chunk_wins_whichever_check_fails(forged: int, bad_tag: int) -> None:
     data = _forge(_listed_bad_tag(bad_tag), forged)
@@ -109,7 +94,6 @@ def test_first_bad_chunk_wins_whichever_check_fails(forged: int, bad_tag: int) -
     assert out.getvalue() == PT[: first * CS]
 
 
-@pytest.mark.usefixtures("batching")
 @pytest.mark.parametrize("bad_tag", [0, 5, 9])
 @pytest.mark.parametrize("pipe", [False, True])
 def test_listed_chunk_with_a_bad_tag(bad_tag: int, pipe: bool) -> None:
@@ -121,7 +105,6 @@ def test_listed_chunk_with_a_bad_tag(bad_tag: int, pipe: bool) -> None:
     assert _released(out) == PT[: bad_tag * CS]
 
 
-@pytest.mark.usefixtures("batching")
 def test_pipe_forgery_found_at_the_end() -> None:
     data = _forge(seal(PT, BOB), 6)
     sink = Sink()
@@ -130,7 +113,6 @@ def test_pipe_forgery_found_at_the_end() -> None:
     assert bytes(sink.data) == PT[: 6 * CS] + b"F" * CS + PT[7 * CS :]
 
 
-@pytest.mark.usefixtures("batching")
 @pytest.mark.parametrize("chunk", [1, 4, 9])
 def test_truncated_inside_a_chunk_names_it(chunk: int) -> None:
     data = seal(PT)
@@ -139,13 +121,3 @@ def test_truncated_inside_a_chunk_names_it(chunk: int) -> None:
     with pytest.raises(TruncatedError, match=f"chunk {chunk}"):
         decrypt_stream(Pipe(data[: off + 10]), sink, ALICE)
     assert PT.startswith(bytes(sink.data))
-
-
-def test_worker_failure_surfaces(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A hashing job that raises (it cannot, short of a bug) fails the call, not a thread.
-    def broken(*args: object) -> list[bytes]:
-        raise RuntimeError("hash worker failed")
-
-    monkeypatch.setattr(env, "_digests", broken)
-    with pytest.raises(RuntimeError, match="hash worker"):
-        seal(PT)
