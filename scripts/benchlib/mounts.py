@@ -25,6 +25,7 @@ from benchlib.runner import (
     Cleanup,
     ProcSample,
     aborting,
+    die_with_parent,
     log,
     proc_sample,
     stop_process,
@@ -72,7 +73,8 @@ class Mount:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.t_start = time.perf_counter()
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=die_with_parent)
         self._stopped = False
         self._forget = cleanup.push(f"mount {name} at {mountpoint}", self._stop)
         try:

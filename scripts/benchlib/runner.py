@@ -178,6 +178,18 @@ def run_measured(
     return res
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM if the bench dies without cleaning up (SIGKILL),
+    so no S3 server or FUSE daemon outlives it (daemons unmount themselves on SIGTERM)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 10) -> None:
     """SIGTERM, wait ``grace`` s, then SIGKILL. Only this process, by pid."""
     if proc.poll() is not None:

@@ -20,7 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchlib.runner import BenchError, Cleanup, abort_self, log, stop_process
+from benchlib.runner import (
+    BenchError,
+    Cleanup,
+    abort_self,
+    die_with_parent,
+    log,
+    stop_process,
+)
 
 ACCESS_KEY = "bench"  # dummy credentials: the server is a local moto
 SECRET_KEY = "bench-secret"
@@ -64,7 +71,7 @@ class S3Server:
             env["TMPDIR"] = str(tmpdir)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchlib.s3bench", "--port", "0"], cwd=repo, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         proc = self.proc
         self._stopping = False
