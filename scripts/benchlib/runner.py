@@ -141,17 +141,26 @@ def run_measured(
         os.close(fd)
         full = [GNU_TIME, "-f", "%M %U %S", "-o", time_out, "--", *full]
     t0 = time.perf_counter()
+    # Own process group: on a timeout or an interrupt, GNU time *and* the command go.
     proc = subprocess.Popen(full, env=env, cwd=cwd, stdin=stdin, stdout=out_f,
-                            stderr=err_f)
+                            stderr=err_f, start_new_session=True)
+
+    def kill_group() -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
     # A blocking wait4 still lets our signal handlers run (PEP 475) and raise Interrupted.
-    killer = threading.Timer(timeout, proc.kill)
+    killer = threading.Timer(timeout, kill_group)
     killer.start()
     try:
         _pid, status, ru = os.wait4(proc.pid, 0)
     except BaseException:
+        kill_group()
         with contextlib.suppress(OSError):
-            proc.kill()
             os.waitpid(proc.pid, 0)
+        if time_out is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(time_out)
         raise
     finally:
         killer.cancel()
