@@ -753,6 +753,12 @@ class Operations(pyfuse3.Operations):
         pending: PendingFile | None = await self.journal.open_pending(path)
         if pending is not None:
             return pending
+        if attrs.etag is None and path in self._landed:
+            # Pending when it was looked up, landed while open_pending waited for the journal:
+            # read what landed (the listing shows it now), not an empty file.
+            fresh = await self._attrs(path)
+            if fresh is not None and fresh.kind == "file" and fresh.etag is not None:
+                attrs = fresh
         if attrs.etag is None:
             return None
         retry = self.refresh_keys is not None
