@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import random
+import time
 from functools import partial
 from typing import Any
 from urllib.parse import urlparse
@@ -59,10 +60,50 @@ def run(ctx: Ctx) -> None:
     bob = CssfsCli(ctx.repo, ctx.work / "cssfs-home-bob")
     # Many files below the multipart part size (their header rewrite re-sends the object), and
     # a few large ones (header rewritten by a server-side copy of the payload).
+    # The issue's folder: 100 files, 1 GiB in all (10 MiB each, above the 5 MiB S3 part minimum).
     sets = ([(12, 256 * 1024, "small"), (2, 16 * MiB, "large")] if ctx.quick
-            else [(100, 1 * MiB, "small"), (8, 32 * MiB, "large")])
+            else [(100, 1 * MiB, "small"), (100, 10 * MiB, "1gib")])
     for n, size, tag in sets:
         one_set(ctx, alice, bob, n, size, tag)
+    open_cost(ctx)
+
+
+def open_cost(ctx: Ctx) -> None:
+    """Per-open cost of a file as one of 40 recipients vs as its only recipient, in-process.
+
+    What an open costs in crypto (``open_header``: parse, find our stanza by its key id, one
+    unwrap, commitment, header MAC, signature) for the *last* of 40 stanzas -- the worst place --
+    and for a file with one stanza. The GET that precedes an open is the same for both.
+    """
+    from cssfs import envelope, keys
+
+    rep = ctx.report
+    writer = keys.Identity.generate()
+    others = [keys.Identity.generate() for _ in range(39)]
+    reader = others[-1]
+    w = envelope.EnvelopeWriter(writer, [o.recipient for o in others])
+    w.seal_chunk(b"x", last=True)
+    header40, _ = w.finish()
+    w = envelope.EnvelopeWriter(writer, [])
+    w.seal_chunk(b"x", last=True)
+    header1, _ = w.finish()
+    if len(envelope.parse_header(header40).stanzas) != 40:
+        raise BenchError("the 40-recipient header does not hold 40 stanzas")
+    f_one = rep.figure("share.open.1", "open a file's header as its only recipient", "µs",
+                       higher_is_better=False, short="only recipient")
+    f_forty = rep.figure("share.open.40", "open a file's header as the 40th of 40 recipients",
+                         "µs", higher_is_better=False, refs=[f_one.key])
+    iterations = 50 if ctx.quick else 400
+
+    def per_open(header: bytes, identity: keys.Identity) -> float:
+        start = time.perf_counter()
+        for _ in range(iterations):
+            envelope.open_header(header, identity)
+        return (time.perf_counter() - start) / iterations * 1e6
+
+    for _ in range(ctx.runs):
+        f_one.add(per_open(header1, writer))
+        f_forty.add(per_open(header40, reader))
 
 
 def one_set(ctx: Ctx, alice: CssfsCli, bob: CssfsCli, n: int, size: int, tag: str) -> None:
