@@ -410,6 +410,13 @@ class EnvelopeWriter:
         self._record(out, length, last)
         return written
 
+    def open_sealed(self, index: int, ciphertext: Buffer) -> bytes:
+        """The plaintext of chunk ``index`` (not the last) that this writer sealed earlier:
+        to read back a file while it is still being written. ChunkAuthError if it changed."""
+        if index >= len(self._hashes) or (self._done and index == len(self._hashes) - 1):
+            raise ValueError("envelope: internal error: open_sealed of a chunk not sealed")
+        return self._cipher.open(index, ciphertext, last=False)
+
     def finish(self) -> tuple[bytes, bytes]:
         """(header region of HEADER_SIZE bytes, chunk table) once the last chunk is sealed."""
         if not self._done:
