@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import random
+import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -86,7 +87,7 @@ from cssfs.errors import (
 )
 from cssfs.keys import Recipient
 from cssfs.staging import PlainFile
-from cssfs.store.base import ObjectInfo
+from cssfs.store.base import ObjectInfo, ObjectStore, PartSource
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,12 @@ RECIPIENTS_WAIT_S = 2.0
 SEAL_BATCH_CHUNKS = 32
 #: A file of at most this many chunks (1 MiB) is committed in one thread hop, under the mutex.
 SMALL_COMMIT_CHUNKS = 16
+#: A file being written starts its upload once this much of it is sealed (an eager upload).
+EAGER_MIN_BYTES = 32 * 1024 * 1024
+#: rsync's temporary names (.NAME.XXXXXX): renamed right after close, so never uploaded early.
+_TEMP_NAME = re.compile(r"\.[^/]+\.[A-Za-z0-9]{6}")
+#: Bytes read from the envelope file per piece of an eager upload.
+_EAGER_PIECE = 4 * 1024 * 1024
 
 QUEUED: Literal["queued"] = "queued"
 RUNNING: Literal["running"] = "running"
@@ -254,6 +261,7 @@ class _Op:
     conflict_of: str | None = None
     conflict_n: int = 0
     changed: trio.Event = field(default_factory=trio.Event)
+    eager: EagerUpload | None = None  # put: the upload started while the file was written
 
     @property
     def finished(self) -> bool:
@@ -302,6 +310,7 @@ class SealSink:
         self.count = 0  # chunks sealed into the file
         self._name = ""
         self._committed = False
+        self.eager: EagerUpload | None = None
 
     def __repr__(self) -> str:
         return f"SealSink(count={self.count}, live={self.live})"
@@ -321,11 +330,15 @@ class SealSink:
         if not self.live:  # detached while we waited
             return False
         offset = HEADER_SIZE + self.count * (CHUNK_SIZE + TAG_SIZE)
-        await trio.to_thread.run_sync(
+        offset += await trio.to_thread.run_sync(
             _seal_batch, self.writer, [(c, False) for c in chunks], self.fd, offset,
             limiter=journal._enc.cpu_limiter,
         )
         self.count += len(chunks)
+        if self.eager is not None:
+            self.eager.grew(offset)
+        elif offset >= EAGER_MIN_BYTES and journal.eager_uploads:
+            self.eager = journal._start_eager(self, offset)
         return True
 
     async def get(self, index: int) -> bytes:
@@ -339,6 +352,9 @@ class SealSink:
 
     def detach(self) -> None:
         self.live = False
+        if self.eager is not None:
+            self.eager.abort()
+            self.eager = None
 
     def installed(self, path: Path) -> None:
         """A commit renamed the file into the journal: it is the journal's now (the open
@@ -349,12 +365,104 @@ class SealSink:
 
     def close(self) -> None:
         self.live = False
+        if self.eager is not None and not self._committed:
+            self.eager.abort()
+        self.eager = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         if not self._committed and self.path is not None:
             _unlink_quietly(self.path)
             self.journal._seal_files.discard(self._name)
+
+
+class EagerUpload:
+    """The upload of a SealSink's envelope, started while the file is still being written.
+
+    A multipart upload (PartSource) reads the envelope file as the sink seals it; part 1, the
+    header, goes last -- and only once the journal *approves* it: the file was committed (so
+    the close is durable first), its put op started (after the settle time, under the key it
+    still has) and the key holds nothing but versions it may replace. Anything else (the sink
+    detached or closed uncommitted, the op renamed, superseded or unlinked, a stranger's
+    version there) aborts it; the store then aborts the multipart upload and, if the file was
+    committed, the op uploads it from the journal as usual. Nothing becomes visible in the
+    store before the approval.
+    """
+
+    def __init__(self, key: str, fd: int, ready: int) -> None:
+        self.key = key
+        self._fd = fd  # a duplicate of the sink's descriptor: ours to close
+        self._ready = ready  # bytes of the envelope file sealed so far (header region included)
+        self._final: int | None = None  # its size once committed
+        self._more = trio.Event()
+        self._gate = trio.Event()
+        self._approved = False
+        self.aborted = False
+        self.done = trio.Event()
+        self.result: ObjectInfo | None = None
+        self.error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"EagerUpload({self.key!r}, ready={self._ready}, final={self._final})"
+
+    def _wake(self) -> None:
+        self._more.set()
+        self._more = trio.Event()
+
+    def grew(self, ready: int) -> None:
+        self._ready = ready
+        self._wake()
+
+    def committed(self, size: int) -> None:
+        self._final = size
+        self._wake()
+
+    def approve(self) -> None:
+        self._approved = True
+        self._gate.set()
+
+    def abort(self) -> None:
+        if not self._approved:
+            self.aborted = True
+            self._gate.set()
+            self._wake()
+
+    async def run(self, store: ObjectStore) -> None:
+        try:
+            self.result = await store.put(
+                self.key, PartSource(HEADER_SIZE, self._rest(), self._head)
+            )
+        except Exception as exc:  # the op uploads from the journal instead
+            self.error = exc
+            if not self.aborted:
+                log.debug("journal: early upload of %s failed: %s", self.key, exc)
+        finally:
+            os.close(self._fd)
+            self.done.set()
+
+    async def _rest(self) -> Any:
+        pos = HEADER_SIZE
+        while True:
+            if self.aborted:
+                raise JournalError("early upload abandoned")
+            limit = self._final if self._final is not None else self._ready
+            if pos < limit:
+                n = min(limit - pos, _EAGER_PIECE)
+                data = await trio.to_thread.run_sync(os.pread, self._fd, n, pos)
+                if len(data) != n:
+                    raise JournalError("envelope file shorter than sealed")
+                pos += n
+                yield data
+            elif self._final is not None:
+                return
+            else:
+                await self._more.wait()
+
+    async def _head(self) -> bytes:
+        await self._gate.wait()
+        if not self._approved:
+            raise JournalError("early upload abandoned")
+        return await trio.to_thread.run_sync(os.pread, self._fd, HEADER_SIZE, 0)
 
 
 class PendingFile:
@@ -473,6 +581,9 @@ class Journal:
         self._sealing_done = trio.Event()
         self._stats = JournalStats()
         self._replayed = False
+        self._nursery: trio.Nursery | None = None  # run()'s: where early uploads run
+        #: Start uploading large new files while they are written (EagerUpload).
+        self.eager_uploads = True
         # The store failed as unreachable since the last op that reached it: commits then seal
         # without asking it for recipients (each ask would wait out the store's retries).
         self._unreachable = False
@@ -683,6 +794,7 @@ class Journal:
 
     def _drop(self, op: _Op, error: BaseException | None = None) -> None:
         """Forget a queued op (superseded, unlinked, or its record is damaged)."""
+        _abort_eager(op)
         self._unqueue(op)
         op.state = DROPPED
         op.error = error
@@ -770,6 +882,15 @@ class Journal:
         sealed at once into the envelope its close will commit (staging.py, "Sinking")."""
         return SealSink(self, key)
 
+    def _start_eager(self, sink: SealSink, ready: int) -> EagerUpload | None:
+        """An early upload of the sink's envelope, if the uploader runs and the name is no
+        rsync temporary name (those are renamed right after close: the upload would be lost)."""
+        if self._nursery is None or _TEMP_NAME.fullmatch(sink.key.rpartition("/")[2]):
+            return None
+        eager = EagerUpload(sink.key, os.dup(sink.fd), ready)
+        self._nursery.start_soon(eager.run, self._store)
+        return eager
+
     async def _usable_sink(self, key: str, staged: PlainFile) -> SealSink | None:
         """The sink holding the start of ``staged``, if the commit can finish its envelope:
         still live, and sealed for exactly the recipients a new envelope at ``key`` gets now
@@ -821,6 +942,10 @@ class Journal:
         parsed = parse_header(header)
         env = _Envelope(sink.path, parsed.salt, size, cipher_size, parsed.binding,
                         parsed.mtime_ns, parsed.mode, sink.unresolved)
+        eager, sink.eager = sink.eager, None
+        if eager is not None and eager.key != key:  # renamed while open
+            eager.abort()
+            eager = None
         async with self._mutex:
             seq = self._take_seq()
             path = self._env_path(seq)
@@ -837,10 +962,15 @@ class Journal:
             try:
                 await trio.to_thread.run_sync(self._install_sync, sealed, path, seq, data)
             except OSError as exc:
+                if eager is not None:
+                    eager.abort()
                 raise JournalError(
                     f"cannot write the journal for {key}: {exc.strerror}", exc.errno
                 ) from exc
             sink.installed(path)
+            if eager is not None:
+                eager.committed(cipher_size)
+                op.eager = eager
             record.disk_put = True
             self._records[seq] = record
             self._queue(key).append(op)
@@ -1123,6 +1253,7 @@ class Journal:
         saved = (op.key, op.expect, record.put, list(record.cleanup))
         if op.state == QUEUED:
             target = op
+            _abort_eager(op)  # its multipart upload is under src
             op.key, op.expect = dst, plan.expect
             need_delete = bool(
                 old.etags or earlier_running or op.attempted or _has_salts_of_others(old, env)
@@ -1433,6 +1564,7 @@ class Journal:
         self._uploader = True
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 task_status.started()
                 while True:
                     self._wakeup = trio.Event()
@@ -1441,6 +1573,7 @@ class Journal:
                     with trio.move_on_at(deadline):
                         await self._wakeup.wait()
         finally:
+            self._nursery = None
             self._uploader = False
             self._stopped.set()
             self._stopped = trio.Event()
@@ -1577,6 +1710,11 @@ class Journal:
         expect = op.expect.copy()
         expect.salts.add(env.salt)
         hint = op.expect.hint
+        eager, op.eager = op.eager, None
+        if eager is not None:
+            adopted = await self._adopt(op, eager, expect)
+            if adopted is not None:
+                return adopted
         for _ in range(_MAX_RECHECKS):
             try:
                 if hint is None:
@@ -1594,6 +1732,28 @@ class Journal:
                 else:
                     return current
         raise StoreUnavailableError(f"{op.key}: the object kept changing during the upload")
+
+    async def _adopt(self, op: _Op, eager: EagerUpload, expect: _Expect
+                     ) -> ObjectInfo | _Current | None:
+        """Let the early upload of op's envelope finish if the key holds nothing but what we
+        may replace (the check a conditional PUT makes); the stranger's version if not. None:
+        it failed or was abandoned -- upload from the journal."""
+        try:
+            if eager.key != op.key or eager.aborted:
+                eager.abort()
+                return None
+            current, ours = await self._current(op.key, expect)
+            if current is not None and not ours:
+                eager.abort()
+                return current
+            eager.approve()
+            await eager.done.wait()
+        except BaseException:
+            eager.abort()  # no-op once approved: then it finishes or fails by itself
+            raise
+        if eager.result is not None:
+            log.debug("journal: entry %d uploaded while it was written", op.record.seq)
+        return eager.result
 
     async def _landed(self, op: _Op, info: ObjectInfo) -> None:
         env, record = op.env, op.record
@@ -1670,6 +1830,7 @@ class Journal:
 
     def _finish_unlanded(self, op: _Op) -> None:
         """An obsolete put that will not land: hand its expectation on and forget it."""
+        _abort_eager(op)
         nxt = self._unqueue(op)
         if nxt is not None:
             nxt.expect.merge(op.expect)
@@ -1757,6 +1918,12 @@ class Journal:
             self._move_broken_sync, self._sidecar_path(record.seq).name, exc
         )
         self._kick()
+
+
+def _abort_eager(op: _Op) -> None:
+    if op.eager is not None:
+        op.eager.abort()
+        op.eager = None
 
 
 def _keys_of(recipients: Sequence[Recipient]) -> set[bytes]:

@@ -600,6 +600,56 @@ async def test_a_file_written_from_its_start_is_sealed_as_it_is_written(
     assert not [p for p in env.journal.directory.iterdir() if p.name.startswith("seal-")]
 
 
+@pytest.mark.parametrize("how", ["sequential", "renamed", "rsync_name", "unlinked", "stranger",
+                                 "rewrite"])
+async def test_a_large_new_file_is_uploaded_while_it_is_written(
+    env: FS, how: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The early upload lands only once the close is durable and the op approves it; every
+    other turn abandons it, and the file still ends up exactly where it belongs."""
+    import cssfs.journal as journal_mod
+
+    monkeypatch.setattr(journal_mod, "EAGER_MIN_BYTES", 16 * CS)
+    caplog.set_level(logging.DEBUG, logger="cssfs.journal")
+    data = bytearray(pattern(40 * CS + 5, 8))
+    name = ".big.AbC123" if how == "rsync_name" else "big"
+    fh = await env.create(name)
+    for off in range(0, len(data), 128 * 1024):
+        await env.ops.write(fh, off, bytes(data[off : off + 128 * 1024]))
+    staged = env.ops._open_file(name).staged  # type: ignore[union-attr]
+    sink = staged.sealed_prefix[0]
+    eager = sink.eager
+    assert (eager is None) == (how == "rsync_name")
+    assert name not in await _keys(env)  # nothing visible before the close (and approval)
+    if how == "renamed":
+        await env.rename(name, "moved")
+        name = "moved"
+    elif how == "rewrite":
+        await env.ops.write(fh, 0, b"new start")
+        data[:9] = b"new start"
+    elif how == "stranger":
+        await EncryptedStore(env.store, Identity.generate()).put(name, b"theirs")
+    elif how == "unlinked":
+        await env.unlink(name)
+    await env.close(fh)
+    await env.journal.flush()
+    if eager is not None:
+        await eager.done.wait()
+    early = [r for r in caplog.records if "uploaded while it was written" in r.getMessage()]
+    assert bool(early) == (how == "sequential")
+    keys = await _keys(env)
+    if how == "unlinked":
+        assert keys == set()
+        return
+    if how == "stranger":
+        copies = [k for k in keys if k.startswith("big.conflict-")]
+        assert len(copies) == 1 and "big" in keys
+        name = copies[0]
+    assert keys - {".cssfs-attrs"} == ({name, "big"} if how == "stranger" else {name})
+    env.ops.listings.invalidate_below("")
+    assert await env.read_file(name) == data
+
+
 async def test_rename_file(env: FS) -> None:
     await env.write_file("a", b"A")
     await env.rename("a", "b")
