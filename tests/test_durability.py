@@ -11,22 +11,20 @@ copy (an upload that landed before the kill is recognised as ours, not as anothe
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import re
 import signal
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from cssfs.envelope import CHUNK_SIZE
+from tests.support.faultworld import World, wait_for
 from tests.support.mounting import (
     Mount,
     cmp_files,
@@ -43,62 +41,9 @@ pytestmark = [*fuse_test_marker(), pytest.mark.s3]
 NOISE = r"WARNING|ERROR|retry|unreachable|failing|journal|attempt"
 
 
-def _own(key: str) -> bool:
-    """cssfs's own objects (folder policies, attrs records...): hidden by the mount."""
-    return key.rpartition("/")[2].startswith(".cssfs-")
-
-
-class World:
-    """One bucket, one identity, a fault proxy in front of moto and a folder of sources."""
-
-    def __init__(self, tmp: Path, bucket: Any, proxy: Any) -> None:
-        import boto3
-
-        self.tmp = tmp
-        self.endpoint = bucket.endpoint
-        self.bucket = bucket.bucket
-        self.proxy = proxy
-        self.s3 = boto3.client("s3", endpoint_url=bucket.endpoint)
-        self.identity_path = tmp / "identity"
-        self.identity = make_identity(self.identity_path)
-        self.src = tmp / "src"
-        self.src.mkdir()
-
-    @property
-    def args(self) -> list[str]:
-        return ["--endpoint-url", self.proxy.endpoint_url, "--path-style",
-                "--list-ttl", "600", "--cache-size", "16M"]
-
-    def keys(self) -> set[str]:
-        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
-        return {item["Key"] for page in pages for item in page.get("Contents", ())
-                if not _own(item["Key"])}
-
-    def plaintext(self, identity: Any = None) -> dict[str, bytes]:
-        """Every file in the bucket, decrypted here with ``identity`` (default: ours)."""
-        from cssfs.encstore import EncryptedStore
-        from cssfs.store.url import open_store
-
-        async def main() -> dict[str, bytes]:
-            store = open_store(f"s3://{self.bucket}", endpoint_url=self.endpoint,
-                               path_style=True)
-            async with store:
-                enc = EncryptedStore(store, identity or self.identity)
-                out = {}
-                for entry in await enc.list("", delimiter=None):
-                    if entry.is_dir or entry.key.endswith("/") or ".cssfs-" in entry.key:
-                        continue  # folders, markers, cssfs's bookkeeping (mtime records)
-                    buf = io.BytesIO()
-                    await enc.get_to(entry.key, buf)
-                    out[entry.key] = buf.getvalue()
-                return out
-
-        return trio.run(main)
-
-
 @pytest.fixture
 def world(tmp_path: Path, s3_bucket: Any, fault_proxy: Any) -> World:
-    return World(tmp_path, s3_bucket, fault_proxy)
+    return World(tmp_path, s3_bucket, fault_proxy, cache_size="16M")
 
 
 def kill_9(m: Mount) -> None:
@@ -107,14 +52,6 @@ def kill_9(m: Mount) -> None:
     m.proc.send_signal(signal.SIGKILL)
     assert m.proc.wait(30) == -signal.SIGKILL
     m.kill()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll ``condition`` until it holds (a state change with no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def journal_dir(state_home: Path) -> Path:
@@ -145,7 +82,7 @@ def test_kill_9_while_uploads_are_held_loses_no_closed_file(world: World) -> Non
         write_pattern(world.src / name, size, seed)
     state = world.tmp / "state"
     with mounted(f"s3://{world.bucket}", world.tmp / "mnt", world.identity_path,
-                 args=world.args, state_home=state) as m:
+                 args=world.args(), state_home=state) as m:
         m.allow(NOISE)
         run("mkdir", "-p", m.path("d/e"))  # a folder marker is written at once, not journaled
         os.listdir(m.path("d/e"))  # the listings are cached: creating a file needs no LIST
@@ -183,7 +120,7 @@ def test_kill_9_at_random_points_across_50_writes(world: World) -> None:
     state = world.tmp / "state"
     kills = 0
     with mounted(f"s3://{world.bucket}", world.tmp / "mnt", world.identity_path,
-                 args=world.args, state_home=state) as m:
+                 args=world.args(), state_home=state) as m:
         m.allow(NOISE)
         run("mkdir", "-p", m.path("d/e"), m.path("f"))
         # Reads go through the same faults: a rate low enough that no request runs out of the
@@ -223,7 +160,7 @@ def test_a_damaged_journal_entry_is_set_aside_and_the_rest_uploaded(world: World
     once, moves it to journal/broken/, and still serves and uploads the other two."""
     state = world.tmp / "state"
     with mounted(f"s3://{world.bucket}", world.tmp / "mnt", world.identity_path,
-                 args=world.args, state_home=state) as m:
+                 args=world.args(), state_home=state) as m:
         m.allow(NOISE)
         os.listdir(m.mountpoint)
         with world.proxy.outage():
@@ -276,7 +213,7 @@ def test_full_journal_disk_fails_the_close_and_keeps_the_rest(world: World,
     src = world.src / "big"
     write_pattern(src, 3 * 1024 * 1024, seed=9)  # three times the journal's disk
     with mounted(f"s3://{world.bucket}", world.tmp / "mnt", world.identity_path,
-                 args=world.args, state_home=tiny_state) as m:
+                 args=world.args(), state_home=tiny_state) as m:
         m.allow(NOISE)
         os.listdir(m.mountpoint)
         with world.proxy.outage():  # hold the uploads: the small files stay journaled
@@ -317,7 +254,7 @@ def test_two_mounts_writing_one_file_keep_both_versions(world: World) -> None:
     b_id = make_identity(b_path)
     direct = ["--endpoint-url", world.endpoint, "--path-style", "--list-ttl", "600"]
     with mounted(f"s3://{world.bucket}", world.tmp / "a", world.identity_path,
-                 args=[*world.args, "-r", b_id.recipient.to_string()],
+                 args=[*world.args(), "-r", b_id.recipient.to_string()],
                  state_home=world.tmp / "state-a") as a:
         a.allow(NOISE)
         a.path("doc.txt").write_bytes(b"base")

@@ -12,7 +12,6 @@ pytest-timeout: a hang fails it.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import subprocess
@@ -24,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from cssfs.envelope import CHUNK_SIZE, envelope_size
+from tests.support.faultworld import World as FaultWorld
+from tests.support.faultworld import wait_for
 from tests.support.mounting import (
     REPO,
     MiB,
@@ -34,7 +34,6 @@ from tests.support.mounting import (
     cmp_files,
     cmp_trees,
     fuse_test_marker,
-    make_identity,
     make_tree,
     mounted,
     run,
@@ -49,74 +48,15 @@ NOISE = r"WARNING|ERROR|retry|unreachable|failing|journal|attempt"
 UNCACHED_READ_BOUND_S = 30.0
 
 
-def _own(key: str) -> bool:
-    """cssfs's own objects (folder policies, attrs records...): hidden by the mount."""
-    return key.rpartition("/")[2].startswith(".cssfs-")
-
-
-class World:
-    def __init__(self, tmp: Path, bucket: Any, proxy: Any) -> None:
-        import boto3
-
-        self.tmp = tmp
-        self.endpoint = bucket.endpoint
-        self.bucket = bucket.bucket
-        self.proxy = proxy
-        self.s3 = boto3.client("s3", endpoint_url=bucket.endpoint)
-        self.identity_path = tmp / "identity"
-        self.identity = make_identity(self.identity_path)
-        self.src = tmp / "src"
-        self.src.mkdir()
-
-    def args(self, *extra: str) -> list[str]:
-        return ["--endpoint-url", self.proxy.endpoint_url, "--path-style", "--list-ttl", "600",
-                "--cache-size", "32M", *extra]
-
+class World(FaultWorld):
     def mount(self, *extra: str, name: str = "mnt") -> Any:
         return mounted(f"s3://{self.bucket}", self.tmp / name, self.identity_path,
                        args=self.args(*extra), state_home=self.tmp / f"state-{name}")
 
-    def keys(self) -> set[str]:
-        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
-        return {item["Key"] for page in pages for item in page.get("Contents", ())
-                if not _own(item["Key"])}
-
-    def plaintext(self, identity: Any = None) -> dict[str, bytes]:
-        """Every file in the bucket decrypted with ``identity`` (default: ours), directly."""
-        from cssfs.encstore import EncryptedStore
-        from cssfs.store.url import open_store
-
-        async def main() -> dict[str, bytes]:
-            store = open_store(f"s3://{self.bucket}", endpoint_url=self.endpoint,
-                               path_style=True)
-            async with store:
-                enc = EncryptedStore(store, identity or self.identity)
-                out = {}
-                for entry in await enc.list("", delimiter=None):
-                    if entry.is_dir or entry.key.endswith("/") or ".cssfs-" in entry.key:
-                        continue  # folders, markers, cssfs's bookkeeping (mtime records)
-                    buf = io.BytesIO()
-                    await enc.get_to(entry.key, buf)
-                    out[entry.key] = buf.getvalue()
-                return out
-
-        return trio.run(main)
-
 
 @pytest.fixture
 def world(tmp_path: Path, s3_bucket: Any, fault_proxy: Any) -> World:
-    return World(tmp_path, s3_bucket, fault_proxy)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    """Poll ``condition`` until it returns something true (a state with no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not reached in {timeout} s: {what}"
-        time.sleep(0.05)
+    return World(tmp_path, s3_bucket, fault_proxy, cache_size="32M")
 
 
 def _put_of(key: str) -> Callable[[str, str], bool]:
