@@ -121,6 +121,21 @@ class DirCache(Generic[E]):
         folder.loading = None
         return entries
 
+    def prime(self, path: str, entries: dict[str, E], started: float) -> None:
+        """A listing of ``path`` that somebody else made (the mount's start-up LIST), begun at
+        ``started`` on this cache's clock; kept like a loaded one unless a fresher is there."""
+        folder = self._folder(path)
+        if folder.loading is not None or (self._fresh(folder) and folder.started >= started):
+            return
+        folder.edits = {n: e for n, e in folder.edits.items() if e[0] >= started}
+        for name, (_, entry) in folder.edits.items():
+            if entry is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = entry
+        folder.entries = entries
+        folder.started = started
+
     def set_entry(self, path: str, name: str, entry: E | None) -> None:
         """Our own change: ``name`` in folder ``path`` is now ``entry`` (None: removed)."""
         folder = self._folder(path)

@@ -442,9 +442,18 @@ class Operations(pyfuse3.Operations):
     # -- listings -------------------------------------------------------------------------------
 
     async def _load(self, path: str) -> dict[str, Attrs]:
+        return await self._listed(path, await self.encstore.list(_prefix(path)))
+
+    async def prime_listing(self, path: str, entries: list[Entry], started: float) -> None:
+        """Keep a listing of folder ``path`` made elsewhere (the mount's start-up LIST of the
+        root, begun at ``started`` on the listing cache's clock), so the first lookups after
+        mounting do not LIST it again."""
+        self.listings.prime(path, await self._listed(path, entries), started)
+
+    async def _listed(self, path: str, entries: list[Entry]) -> dict[str, Attrs]:
+        """The names of folder ``path`` from its LIST ``entries``."""
         prefix = _prefix(path)
         out: dict[str, Attrs] = {}
-        entries = await self.encstore.list(prefix)
         await self._load_attrs(prefix, entries)
         for entry in entries:
             name = entry.key[len(prefix) :]

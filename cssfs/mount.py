@@ -51,7 +51,7 @@ import trio
 
 from cssfs import config, service
 from cssfs.cache import ChunkCache
-from cssfs.encstore import WHOLE_OBJECT_BYTES, EncryptedStore
+from cssfs.encstore import WHOLE_OBJECT_BYTES, EncryptedStore, entries_from_listing
 from cssfs.errors import ConfigError, CssfsError, StoreUnavailableError
 from cssfs.folderattrs import FolderAttrs
 from cssfs.fs import Operations, Reader
@@ -474,7 +474,10 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
         state_dir = cfg.state_dir or store_state_dir(store.url)
         config.ensure_private_dir(state_dir)
         stack.enter_context(_exclusive(state_dir, store.url))
-        await store.list("", "/")  # fail now, not in the first request: bucket, credentials
+        # Fail now, not in the first request (bucket, credentials); the listing is kept for the
+        # first lookups (on the listing cache's clock, time.monotonic).
+        listed_at = time.monotonic()
+        root = await store.list("", "/")
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)  # runs first: stop background tasks
         cache = ChunkCache(cfg.cache_size)
@@ -513,6 +516,7 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
             folder_attrs=folder_attrs, list_ttl=cfg.list_ttl, read_only=cfg.read_only,
             nursery=nursery,
         )
+        await ops.prime_listing("", entries_from_listing(root), listed_at)
         daemon = Daemon(cfg, ops, journal, cache, encstore)
         nursery.start_soon(journal.run)
         nursery.start_soon(folder_attrs.run)

@@ -877,6 +877,17 @@ async def test_dircache_single_flight_ttl_and_edits() -> None:
     now[0] = 3.0  # expired: a new LIST, and edits older than it are dropped
     assert await cache.get("", loader) == {"a": 1, "gone": 2}
     assert calls == 2
+    # A listing made elsewhere (the mount's start-up LIST) counts from when it began, keeps the
+    # edits made since, and never replaces a fresher one.
+    now[0] = 3.7
+    cache.set_entry("d", "late", 9)  # while that LIST ran: kept
+    now[0] = 4.0
+    cache.prime("d", {"x": 1}, started=3.5)
+    assert await cache.get("d", loader) == {"x": 1, "late": 9} and calls == 2
+    cache.prime("d", {"old": 1}, started=3.0)
+    assert await cache.get("d", loader) == {"x": 1, "late": 9}
+    now[0] = 5.6  # 2 s after the primed LIST began: expired
+    assert await cache.get("d", loader) == {"a": 1, "gone": 2} and calls == 3
 
 
 def test_sd_notify_plain_and_abstract_sockets(tmp_path: Path) -> None:
