@@ -12,8 +12,7 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,58 +22,21 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from cssfs import cli, envelope
 from cssfs.cli import ExitCode
+from tests.support.clirun import Result, Run, ok, private_home, runner
 
 CANARY = b"CANARY-plaintext-7f3a9c: the quick brown fox\n"
 PASSPHRASE = "pass-CANARY-5d1e"
 REPO = Path(__file__).resolve().parent.parent
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """A private HOME / XDG tree; the working directory is ``tmp_path / "work"``."""
-    home = tmp_path / "home"
-    home.mkdir()
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    monkeypatch.setenv("XDG_STATE_HOME", str(home / ".state"))
-    for name in (
-        "XDG_CACHE_HOME", "XDG_RUNTIME_DIR", "CSSFS_IDENTITY", "CSSFS_PASSPHRASE_FILE",
-        "CREDENTIALS_DIRECTORY", "JOURNAL_STREAM",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(work)
-    yield work
-
-
-Run = Callable[..., Result]
+    yield private_home(monkeypatch, tmp_path)
 
 
 @pytest.fixture
 def run(capsys: pytest.CaptureFixture[str]) -> Run:
-    def run(*argv: str) -> Result:
-        code = cli.main(list(argv))
-        captured = capsys.readouterr()
-        result = Result(code, captured.out, captured.err)
-        assert CANARY.decode().strip() not in result.out + result.err
-        assert PASSPHRASE not in result.out + result.err
-        return result
-
-    return run
-
-
-def ok(result: Result) -> Result:
-    assert result.err == ""
-    assert result.code == ExitCode.OK
-    return result
+    return runner(capsys)
 
 
 def fails(result: Result, code: ExitCode, *fragments: str) -> Result:

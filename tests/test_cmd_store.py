@@ -10,8 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,50 +20,19 @@ from cssfs.cli import ExitCode
 from cssfs.cmd_store import Location, Upload, parse_location, plan_uploads
 from cssfs.envelope import CHUNK_SIZE, chunk_range
 from cssfs.progress import Progress
+from tests.support.clirun import Result, Run, ok, private_home, runner
 
 CANARY = b"CANARY-cmdstore-5e21: never in a log or an error\n"
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-Run = Callable[..., Result]
-
-
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """A private HOME / XDG tree; the working directory is ``tmp_path / "work"``."""
-    home = tmp_path / "home"
-    home.mkdir()
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    monkeypatch.setenv("XDG_STATE_HOME", str(home / ".state"))
-    for name in ("XDG_CACHE_HOME", "CSSFS_IDENTITY", "CSSFS_PASSPHRASE_FILE",
-                 "CREDENTIALS_DIRECTORY", "JOURNAL_STREAM"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(work)
-    yield work
+    yield private_home(monkeypatch, tmp_path)
 
 
 @pytest.fixture
 def run(capsys: pytest.CaptureFixture[str]) -> Run:
-    def run(*argv: str) -> Result:
-        code = cli.main(list(argv))
-        captured = capsys.readouterr()
-        return Result(int(code), captured.out, captured.err)
-
-    return run
-
-
-def ok(result: Result) -> Result:
-    assert (result.code, result.err) == (0, ""), result
-    return result
+    return runner(capsys)
 
 
 def fails(result: Result, code: ExitCode) -> Result:

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from cssfs import cli
 from cssfs.cli import ExitCode
 from cssfs.envelope import CHUNK_SIZE, chunk_range
+from tests.support.clirun import Result, ok, private_home, runner
 
 pytestmark = pytest.mark.s3
 
@@ -30,42 +30,14 @@ REPO = Path(__file__).resolve().parent.parent
 BIG = 50 * 1024 * 1024
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    home = tmp_path / "home"
-    home.mkdir()
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    monkeypatch.setenv("XDG_STATE_HOME", str(home / ".state"))
-    for name in ("CSSFS_IDENTITY", "CSSFS_PASSPHRASE_FILE", "CREDENTIALS_DIRECTORY",
-                 "JOURNAL_STREAM"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(work)
-    yield work
+    yield private_home(monkeypatch, tmp_path)
 
 
 @pytest.fixture
 def run(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
-    def run(*argv: str) -> Result:
-        code = cli.main(list(argv))
-        captured = capsys.readouterr()
-        return Result(int(code), captured.out, captured.err)
-
-    return run
-
-
-def ok(result: Result) -> Result:
-    assert (result.code, result.err) == (0, ""), result
-    return result
+    return runner(capsys)
 
 
 def fails(result: Result, code: ExitCode) -> Result:
