@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from cssfs import config, envelope
+from cssfs import config, envelope, envstream
 from cssfs.cli import CliError, ExitCode, about, load_identity
 from cssfs.errors import CssfsError, FormatError, NoIdentityMatchError, SignatureError
 from cssfs.keys import Identity, Recipient, writer_fingerprint
@@ -135,7 +135,7 @@ def _encrypt(args: argparse.Namespace) -> None:
         recipients = [config.resolve_recipient(text, book) for text in args.recipient]
         with _output(args.output, mode=0o666 & ~_umask()) as dst:
             try:
-                envelope.encrypt_stream(src, dst, identity, recipients)
+                envstream.encrypt_stream(src, dst, identity, recipients)
             except CssfsError as exc:
                 raise about(_name(args.input), exc) from None
 
@@ -145,7 +145,7 @@ def _decrypt(args: argparse.Namespace) -> None:
         identity = load_identity(args)
         with _output(args.output, mode=0o600) as dst:
             try:
-                envelope.decrypt_stream(src, dst, identity)
+                envstream.decrypt_stream(src, dst, identity)
             except CssfsError as exc:
                 raise about(_name(args.input), exc) from None
 

@@ -3,16 +3,14 @@
 This module knows the byte layout of an envelope object -- header region (4096 bytes), payload
 chunks, chunk table -- and the checks that make it authentic: key commitment, header MAC, the
 writer's Ed25519 signature over the chunk-table hash, the object binding. It must not know:
-stores, FUSE, trio, config or contacts. Apart from the two stream helpers at the bottom, which
-read and write file objects they are given, everything here is a pure function over bytes.
+stores, FUSE, trio, config or contacts, or threads: spans of chunks (SealSpan, OpenSpan) are
+jobs a caller may run on any thread, and envstream.py pipelines them over file objects. Apart
+from ``read_full``, everything here is a pure function over bytes.
 """
 
 from __future__ import annotations
 
-import io
-import shutil
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import BinaryIO
@@ -37,7 +35,6 @@ from cssfs.crypto import (
     hmac_sha256,
     hmac_sha256_verify,
     sha256,
-    sha256_hasher,
     wrap_file_key,
 )
 from cssfs.crypto import TAG_SIZE as TAG_SIZE
@@ -370,6 +367,8 @@ class EnvelopeWriter:
         self._hashes: list[bytes] = []
         self._plain_size = 0
         self._done = False
+        self._next_index = 0  # seal_span: the first chunk of the next span
+        self._spans_done = False
 
     def __repr__(self) -> str:
         return f"EnvelopeWriter(chunks={len(self._hashes)}, done={self._done})"
@@ -383,6 +382,8 @@ class EnvelopeWriter:
         if self._done:
             raise ValueError("envelope: internal error: chunk sealed after the last chunk")
         index = len(self._hashes)
+        if index != self._next_index:
+            raise ValueError("envelope: internal error: seal_chunk mixed with seal_span")
         if length > CHUNK_SIZE or (not last and length != CHUNK_SIZE):
             raise ValueError("envelope: internal error: only the last chunk may be short")
         if last and length == 0 and index > 0:
@@ -391,6 +392,7 @@ class EnvelopeWriter:
 
     def _record(self, ciphertext: Buffer, length: int, last: bool) -> None:
         self._hashes.append(sha256(ciphertext))
+        self._next_index += 1
         self._plain_size += length
         self._done = last
 
@@ -409,6 +411,35 @@ class EnvelopeWriter:
         written = self._cipher.seal_into(index, plaintext, out, last=last)
         self._record(out, length, last)
         return written
+
+    def seal_span(self, plaintext: memoryview, out: memoryview, *, last: bool) -> SealSpan:
+        """The next ``ceil(len / CHUNK_SIZE)`` chunks (at least one), sealed later by the
+        returned job's ``run()`` -- on any thread -- into ``out`` (len + 16 per chunk), then
+        given back with :meth:`record_span`, in the order the spans were made. Only the last
+        span may end with a short chunk; an empty span is the empty last chunk of a 0-byte file.
+        """
+        length = len(plaintext)
+        count = max(1, -(-length // CHUNK_SIZE))
+        if self._done or self._spans_done:
+            raise ValueError("envelope: internal error: chunk sealed after the last chunk")
+        if not last and length % CHUNK_SIZE:
+            raise ValueError("envelope: internal error: only the last chunk may be short")
+        if length == 0 and (not last or self._next_index > 0):
+            raise ValueError("envelope: internal error: empty last chunk after a full chunk")
+        if len(out) != length + TAG_SIZE * count:
+            raise ValueError("envelope: internal error: span output of the wrong size")
+        span = SealSpan(self._keys.payload_key, self._next_index, plaintext, out, last)
+        self._next_index += count
+        self._spans_done = last
+        return span
+
+    def record_span(self, span: SealSpan, hashes: Sequence[bytes]) -> None:
+        """Take back a span sealed by ``span.run()`` (which returned ``hashes``), in order."""
+        if span.first != len(self._hashes) or len(hashes) != span.count:
+            raise ValueError("envelope: internal error: spans recorded out of order")
+        self._hashes.extend(hashes)
+        self._plain_size += len(span.plaintext)
+        self._done = span.last
 
     def open_sealed(self, index: int, ciphertext: Buffer) -> bytes:
         """The plaintext of chunk ``index`` (not the last) that this writer sealed earlier:
@@ -431,6 +462,96 @@ class EnvelopeWriter:
         )
         header = replace(header, signature=self._identity.sign(header.signed_message()))
         return _sealed_header(header, self._keys.mac_key).to_bytes(), table
+
+
+class SealSpan:
+    """A run of consecutive chunks to seal, made by :meth:`EnvelopeWriter.seal_span`.
+
+    ``run()`` touches only its own buffers and a cipher of its own, so spans of one envelope
+    can be sealed on several threads at once (AES-GCM and SHA-256 in `cryptography` release the
+    GIL); the writer takes the hashes back in order.
+    """
+
+    __slots__ = ("_payload_key", "count", "first", "last", "out", "plaintext")
+
+    def __init__(
+        self, payload_key: bytes, first: int, plaintext: memoryview, out: memoryview, last: bool
+    ) -> None:
+        self._payload_key = payload_key
+        self.first = first
+        self.plaintext = plaintext
+        self.out = out
+        self.last = last
+        self.count = max(1, -(-len(plaintext) // CHUNK_SIZE))
+
+    def run(self) -> list[bytes]:
+        """Seal every chunk of the span into ``out``; their SHA-256 hashes, in order."""
+        cipher = PayloadCipher(self._payload_key)
+        hashes: list[bytes] = []
+        at = 0
+        for k in range(self.count):
+            plain = self.plaintext[k * CHUNK_SIZE : (k + 1) * CHUNK_SIZE]
+            sealed = self.out[at : at + len(plain) + TAG_SIZE]
+            cipher.seal_into(
+                self.first + k, plain, sealed, last=self.last and k == self.count - 1
+            )
+            hashes.append(sha256(sealed))
+            at += len(sealed)
+        return hashes
+
+
+class OpenSpan:
+    """A run of consecutive chunks to open, made by :meth:`OpenedEnvelope.open_span`.
+
+    ``run()`` checks each chunk's hash (against the table entries it was given) before its GCM
+    tag and writes plaintext only into ``out``. It stops at the first chunk that fails: then
+    ``failure`` holds the ChunkAuthError, ``out`` from that chunk on is zeroed (no unverified
+    plaintext is left behind) and ``verified`` says how many bytes at the start of ``out`` are
+    the verified chunks before it. Safe to run on any thread.
+    """
+
+    __slots__ = ("_count", "_expected", "_first", "_key", "_lengths", "ciphertext", "failure",
+                 "out", "verified")
+
+    def __init__(
+        self, payload_key: bytes, first: int, count: int, lengths: list[int],
+        ciphertext: memoryview, out: memoryview, expected: memoryview | None,
+    ) -> None:
+        self._key = payload_key
+        self._first = first
+        self._count = count
+        self._lengths = lengths
+        self._expected = expected
+        self.ciphertext = ciphertext
+        self.out = out
+        self.verified = 0
+        self.failure: ChunkAuthError | None = None
+
+    def run(self) -> list[bytes]:
+        """Open the span into ``out``; the hashes of the chunks that verified, in order."""
+        cipher = PayloadCipher(self._key)
+        hashes: list[bytes] = []
+        ct_at = pt_at = 0
+        try:
+            for k, ct_len in enumerate(self._lengths):
+                index = self._first + k
+                ct = self.ciphertext[ct_at : ct_at + ct_len]
+                digest = sha256(ct)
+                expected = self._expected
+                if expected is not None and not constant_time.bytes_eq(
+                    digest, bytes(expected[k * HASH_SIZE : (k + 1) * HASH_SIZE])
+                ):
+                    raise ChunkAuthError(index, "does not match the chunk table")
+                pt = self.out[pt_at : pt_at + ct_len - TAG_SIZE]
+                cipher.open_into(index, ct, pt, last=index == self._count - 1)
+                hashes.append(digest)
+                ct_at += ct_len
+                pt_at += len(pt)
+                self.verified = pt_at
+        except ChunkAuthError as exc:
+            self.out[pt_at:] = bytes(len(self.out) - pt_at)
+            self.failure = exc
+        return hashes
 
 
 # -- opening --------------------------------------------------------------------------------
@@ -505,15 +626,32 @@ class OpenedEnvelope:
             index, ciphertext, out, last=index == self.chunk_count - 1
         )
 
-    def _open_unlisted_into(
-        self, index: int, ciphertext: Buffer, out: bytearray | memoryview
-    ) -> int:
-        # GCM only: for a streaming decrypt that meets the table after the payload; the caller
-        # must check sha256(ciphertext) against the table at the end.
-        self._check_length(index, ciphertext)
-        return self._cipher.open_into(
-            index, ciphertext, out, last=index == self.chunk_count - 1
-        )
+    def open_span(
+        self, first: int, ciphertext: memoryview, out: memoryview,
+        expected: memoryview | None,
+    ) -> OpenSpan:
+        """A job that opens chunks ``first, first + 1, ...`` (as many as ``ciphertext`` holds,
+        each its exact stored length) into ``out`` when ``run()`` -- on any thread -- checking
+        each against ``expected`` (their chunk-table entries) first, or, when that is None,
+        returning their hashes for the caller to check (a stream whose table comes last)."""
+        size, count = self.header.plain_size, self.chunk_count
+        lengths: list[int] = []
+        left = len(ciphertext)
+        index = first
+        while left > 0:
+            if index >= count:
+                raise ValueError("envelope: internal error: span past the last chunk")
+            ct_len = chunk_range(index, size)[1]
+            if ct_len > left:
+                raise ValueError("envelope: internal error: span ends inside a chunk")
+            lengths.append(ct_len)
+            left -= ct_len
+            index += 1
+        if len(out) != len(ciphertext) - TAG_SIZE * len(lengths):
+            raise ValueError("envelope: internal error: span output of the wrong size")
+        if expected is not None and len(expected) != HASH_SIZE * len(lengths):
+            raise ValueError("envelope: internal error: span table entries of the wrong size")
+        return OpenSpan(self._keys.payload_key, first, count, lengths, ciphertext, out, expected)
 
     def reseal(
         self,
@@ -605,17 +743,7 @@ def open_any(
     raise NoIdentityMatchError("the file is not encrypted for this identity or its groups")
 
 
-# -- whole-stream helpers (the CLI's encrypt/decrypt) ---------------------------------------
-
-
-def _seekable(f: BinaryIO) -> bool:
-    try:
-        if not f.seekable():
-            return False
-        f.tell()
-    except (OSError, AttributeError, ValueError):
-        return False
-    return True
+# -- stream helpers ----------------------------------------------------------------------------
 
 
 def read_full(src: BinaryIO, view: memoryview) -> int:
@@ -635,177 +763,3 @@ def read_full(src: BinaryIO, view: memoryview) -> int:
             break
         total += n
     return total
-
-
-def encrypt_stream(
-    src: BinaryIO,
-    dst: BinaryIO,
-    identity: Identity,
-    recipients: Sequence[Recipient],
-    *,
-    binding: bytes = UNBOUND,
-    mtime_ns: int = 0,
-    mode: int = 0o644,
-    rng: Rng | None = None,
-) -> None:
-    """Encrypt all of ``src`` into one envelope written to ``dst``, in bounded memory.
-
-    The header is built last: on a seekable ``dst`` a 4096-byte hole is written first and
-    filled at the end; otherwise the ciphertext (never plaintext) is spooled to a temporary
-    file and copied out after the header.
-    """
-    writer = EnvelopeWriter(
-        identity, recipients, binding=binding, mtime_ns=mtime_ns, mode=mode, rng=rng
-    )
-    seekable = _seekable(dst)
-    body: BinaryIO
-    if seekable:
-        start = dst.tell()
-        dst.write(bytes(HEADER_SIZE))
-        body = dst
-    else:
-        body = tempfile.TemporaryFile()  # noqa: SIM115 -- closed below
-    try:
-        bufs = (bytearray(CHUNK_SIZE), bytearray(CHUNK_SIZE))
-        out = memoryview(bytearray(CHUNK_SIZE + TAG_SIZE))
-        cur = 0
-        n = read_full(src, memoryview(bufs[cur]))
-        while True:
-            # One chunk of read-ahead: a full chunk is the last only if nothing follows it.
-            next_n = read_full(src, memoryview(bufs[1 - cur])) if n == CHUNK_SIZE else 0
-            last = next_n == 0
-            sealed = out[: n + TAG_SIZE]
-            writer.seal_chunk_into(memoryview(bufs[cur])[:n], sealed, last=last)
-            body.write(sealed)
-            if last:
-                break
-            cur, n = 1 - cur, next_n
-        header, table = writer.finish()
-        body.write(table)
-        if seekable:
-            end = dst.tell()
-            dst.seek(start)
-            dst.write(header)
-            dst.seek(end)
-        else:
-            dst.write(header)
-            body.seek(0)
-            shutil.copyfileobj(body, dst, CHUNK_SIZE)
-    finally:
-        if body is not dst:
-            body.close()
-    dst.flush()
-
-
-# Chunk-table entries read at a time by decrypt_stream (64 KiB of table per 128 MiB of data).
-TABLE_WINDOW = 2048
-
-
-def _read_exact(src: BinaryIO, length: int) -> bytearray:
-    buf = bytearray(length)
-    if read_full(src, memoryview(buf)) != length:
-        raise TruncatedError("envelope is truncated")
-    return buf
-
-
-def _hash_region(src: BinaryIO, length: int) -> bytes:
-    """SHA-256 of the next ``length`` bytes of ``src``, read in bounded pieces."""
-    hasher = sha256_hasher()
-    buf = bytearray(min(length, TABLE_WINDOW * HASH_SIZE))
-    left = length
-    while left:
-        view = memoryview(buf)[: min(left, len(buf))]
-        if read_full(src, view) != len(view):
-            raise TruncatedError("envelope is truncated in the chunk table")
-        hasher.update(view)
-        left -= len(view)
-    return hasher.finalize()
-
-
-def decrypt_stream(
-    src: BinaryIO, dst: BinaryIO, identity: Identity, *, binding: bytes | None = None
-) -> None:
-    """Decrypt one envelope from ``src`` to ``dst``, in bounded memory whatever its size.
-
-    No chunk's plaintext is written before its GCM tag verifies. On a seekable ``src`` the
-    size and the chunk table are checked first, so every chunk is also checked against the
-    writer's signature before release. On a pipe the table comes after the payload: chunks are
-    released once their tag verifies and the table is compared at the end, so content forged by
-    a co-recipient (who knows the file key) is detected only then -- PayloadError, after some
-    output. The cloud, which lacks the file key, cannot forge any chunk.
-    """
-    seekable = _seekable(src)
-    start = src.tell() if seekable else 0
-    header_bytes = bytearray(HEADER_SIZE)
-    got = read_full(src, memoryview(header_bytes))
-    if got != HEADER_SIZE:
-        raise FormatError(f"too short to be a cssfs envelope ({got} bytes)")
-    opened = open_header(bytes(header_bytes), identity, binding=binding)
-    if seekable:
-        _decrypt_seekable(src, dst, opened, start)
-    else:
-        _decrypt_sequential(src, dst, opened)
-    dst.flush()
-
-
-def _read_chunk(src: BinaryIO, buf: bytearray, index: int, size: int) -> memoryview:
-    _, ct_len = chunk_range(index, size)
-    ct = memoryview(buf)[:ct_len]
-    if read_full(src, ct) != ct_len:
-        raise TruncatedError(f"envelope is truncated in chunk {index}")
-    return ct
-
-
-def _decrypt_seekable(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope, start: int) -> None:
-    header = opened.header
-    size, count = header.plain_size, opened.chunk_count
-    table_offset, table_length = table_range(size)
-    end = src.seek(0, io.SEEK_END)
-    check_envelope_size(size, end - start)
-    # Pass 1: the table must match the signed hash before anything is released.
-    src.seek(start + table_offset)
-    if _hash_region(src, table_length) != header.table_hash:
-        raise PayloadError("chunk table does not match the writer's signature")
-    # Pass 2: chunks, each checked against its table entry; the table is read a window at a
-    # time (memory stays flat) and hashed again, in case the file changed between passes.
-    ct_buf = bytearray(CHUNK_SIZE + TAG_SIZE)
-    pt_buf = bytearray(CHUNK_SIZE)
-    recheck = sha256_hasher()
-    for base in range(0, count, TABLE_WINDOW):
-        n = min(TABLE_WINDOW, count - base)
-        src.seek(start + table_offset + HASH_SIZE * base)
-        window = _read_exact(src, HASH_SIZE * n)
-        recheck.update(window)
-        src.seek(start + chunk_range(base, size)[0])
-        for index in range(base, base + n):
-            ct = _read_chunk(src, ct_buf, index, size)
-            pt = memoryview(pt_buf)[: len(ct) - TAG_SIZE]
-            k = HASH_SIZE * (index - base)
-            opened._open_checked_into(index, ct, pt, memoryview(window)[k : k + HASH_SIZE])
-            dst.write(pt)
-    if recheck.finalize() != header.table_hash:
-        raise PayloadError("the envelope changed while it was being read")
-
-
-def _decrypt_sequential(src: BinaryIO, dst: BinaryIO, opened: OpenedEnvelope) -> None:
-    header = opened.header
-    size, count = header.plain_size, opened.chunk_count
-    _, table_length = table_range(size)
-    ct_buf = bytearray(CHUNK_SIZE + TAG_SIZE)
-    pt_buf = bytearray(CHUNK_SIZE)
-    # SHA-256 over the hashes of the chunks as read: equals the table hash iff they are the
-    # chunks the writer listed -- no need to keep the hashes themselves.
-    payload_digest = sha256_hasher()
-    for index in range(count):
-        ct = _read_chunk(src, ct_buf, index, size)
-        pt = memoryview(pt_buf)[: len(ct) - TAG_SIZE]
-        payload_digest.update(sha256(ct))
-        opened._open_unlisted_into(index, ct, pt)
-        dst.write(pt)
-    table_digest = _hash_region(src, table_length)
-    if src.read(1):
-        raise TrailingDataError("trailing data after the envelope")
-    if table_digest != header.table_hash:
-        raise PayloadError("chunk table does not match the writer's signature")
-    if payload_digest.finalize() != header.table_hash:
-        raise PayloadError("payload does not match the writer's signature")

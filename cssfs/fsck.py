@@ -34,7 +34,7 @@ multipart upload is listed and left alone: S3 cannot say who started it.
 Memory stays bounded whatever the object sizes: ``objects_at_once`` objects are verified at
 once, each one segment of ``SEGMENT_CHUNKS`` chunks and one window of the chunk table at a time
 (the table is hashed window by window against the signed table hash first, then read again
-with the chunks and hashed again, as envelope.decrypt_stream does).
+with the chunks and hashed again, as envstream.decrypt_stream does).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def _verify_chunks(
     for index in range(first, stop):
         off, length = chunk_range(index, size)
         k = HASH_SIZE * (index - table_first)
-        # envelope.decrypt_stream's check with a table entry read in windows: the whole table
+        # envstream.decrypt_stream's check with a table entry read in windows: the whole table
         # is never held (OpenedEnvelope.load_table would hold it).
         opened._open_checked_into(
             index, view[off - base : off - base + length], out[: length - TAG_SIZE],

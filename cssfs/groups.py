@@ -34,14 +34,8 @@ from dataclasses import dataclass
 
 import trio
 
-from cssfs.envelope import (
-    HEADER_SIZE,
-    Header,
-    decrypt_stream,
-    encrypt_stream,
-    object_binding,
-    parse_header,
-)
+from cssfs.envelope import HEADER_SIZE, Header, object_binding, parse_header
+from cssfs.envstream import decrypt_stream, encrypt_stream
 from cssfs.errors import (
     ConfigError,
     CssfsError,

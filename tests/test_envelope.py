@@ -7,6 +7,7 @@ import io
 import os
 import random
 import tempfile
+import threading
 import tracemalloc
 from dataclasses import replace
 
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cssfs import envelope as env
+from cssfs import envstream
 from cssfs.crypto import CHUNK_SIZE, sha256
 from cssfs.envelope import (
     HEADER_SIZE,
@@ -27,8 +29,6 @@ from cssfs.envelope import (
     chunk_plain_range,
     chunk_range,
     chunks_for,
-    decrypt_stream,
-    encrypt_stream,
     envelope_size,
     object_binding,
     open_header,
@@ -37,6 +37,7 @@ from cssfs.envelope import (
     table_range,
     verify_signature,
 )
+from cssfs.envstream import decrypt_stream, encrypt_stream
 from cssfs.errors import (
     BindingError,
     ChunkAuthError,
@@ -749,9 +750,8 @@ class Discard(io.RawIOBase):
         return len(b)
 
 
-@pytest.mark.parametrize("spool", [False, True])
-def test_memory_stays_flat(spool: bool) -> None:
-    size = 16 * 1024 * 1024 + 123
+def _stream_peaks(size: int, spool: bool) -> tuple[int, int]:
+    """Peak Python allocations of encrypt_stream and decrypt_stream over ``size`` zero bytes."""
     with tempfile.TemporaryFile() as f:
         tracemalloc.start()
         try:
@@ -766,13 +766,23 @@ def test_memory_stays_flat(spool: bool) -> None:
             _, peak_dec = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-        # A few chunks, plus the table (32 bytes per 64 KiB chunk).
-        assert peak_enc < 1024 * 1024, peak_enc
-        assert peak_dec < 1024 * 1024, peak_dec
+    return peak_enc, peak_dec
+
+
+@pytest.mark.parametrize("spool", [False, True])
+def test_memory_stays_flat(spool: bool) -> None:
+    small = _stream_peaks(4 * 1024 * 1024 + 123, spool)
+    big = _stream_peaks(32 * 1024 * 1024 + 123, spool)
+    # The pipeline's lanes (a few spans of about 2 MiB each, whatever the size), plus the
+    # table (32 bytes per 64 KiB chunk): 28 MiB more data may add only its 14 KiB of table.
+    lanes = (envstream.MAX_WORKERS + 3) * (envstream.SPAN_BYTES + envstream.SEALED_SPAN_BYTES)
+    for before, after in zip(small, big, strict=True):
+        assert after < lanes + 1024 * 1024, after
+        assert after - before < 256 * 1024, (before, after)
 
 
 def test_seekable_decrypt_reads_the_table_in_windows(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(env, "TABLE_WINDOW", 2)
+    monkeypatch.setattr(envstream, "TABLE_WINDOW", 2)
     size = 4 * CS + 7  # five chunks: windows [0, 1], [2, 3], [4]
     pt = plaintext(size, 5)
     data = seal(pt)
@@ -798,3 +808,58 @@ def test_encrypt_with_tiny_reads(step: int) -> None:
     out = Sink()
     decrypt_stream(Pipe(bytes(sink.data), step=step), out, ALICE)
     assert bytes(out.data) == pt
+
+
+# -- the pipelined stream (envstream): spans on worker threads ---------------------------------
+
+
+SPAN = envstream.SPAN_CHUNKS
+
+
+@pytest.mark.parametrize("chunks", [SPAN - 1, SPAN, SPAN + 1, 3 * SPAN + 5])
+def test_threads_change_nothing_in_the_output(chunks: int) -> None:
+    """The same randomness gives the same envelope, byte for byte, with 0, 1 or 3 workers
+    (a span's chunks are sealed on a worker, the hashes recorded in order), and every way of
+    decrypting it gives the plaintext back."""
+    pt = plaintext(chunks * CS - 5, 21)
+    envelopes = {w: seal(pt, BOB, rng=seeded_rng(9), workers=w) for w in (0, 1, 3)}
+    assert envelopes[0] == envelopes[1] == envelopes[3]
+    for w in (0, 1, 3):
+        for pipe in (False, True):
+            assert decrypt(envelopes[0], BOB, pipe=pipe, workers=w) == pt
+
+
+@pytest.mark.parametrize("pipe", [False, True])
+@pytest.mark.parametrize("bad", [0, SPAN - 1, SPAN, 2 * SPAN + 7])
+def test_a_bad_chunk_in_any_span_releases_exactly_the_chunks_before_it(
+    bad: int, pipe: bool
+) -> None:
+    size = 3 * SPAN * CS + 11
+    pt = plaintext(size, 22)
+    data = seal(pt)
+    off, _ = chunk_range(bad, size)
+    src: io.RawIOBase = Pipe(flipped(data, off + 9)) if pipe else io.BytesIO(flipped(data, off + 9))
+    sink = Sink()
+    with pytest.raises(ChunkAuthError) as info:
+        decrypt_stream(src, sink, ALICE, workers=2)  # type: ignore[arg-type]
+    assert info.value.index == bad
+    assert bytes(sink.data) == pt[: bad * CS]
+
+
+def test_a_failing_write_stops_the_pipeline() -> None:
+    """An error while writing span k (a full disk, a closed pipe) comes out of decrypt_stream
+    as it is, and no worker is left running (the pool is shut down before it returns)."""
+    pt = plaintext(4 * SPAN * CS, 23)
+    data = seal(pt)
+
+    class Full(Sink):
+        def write(self, b) -> int:  # type: ignore[override]
+            if len(self.data) >= SPAN * CS:
+                raise OSError(28, "No space left on device")
+            return super().write(b)
+
+    sink = Full()
+    with pytest.raises(OSError, match="No space"):
+        decrypt_stream(io.BytesIO(data), sink, ALICE, workers=2)
+    assert bytes(sink.data) == pt[: SPAN * CS]
+    assert not [t for t in threading.enumerate() if t.name.startswith("cssfs-span")]

@@ -26,7 +26,8 @@ import trio
 from cssfs import cli
 from cssfs.cli import ExitCode
 from cssfs.encstore import EncryptedStore
-from cssfs.envelope import CHUNK_SIZE, HEADER_SIZE, chunk_range, encrypt_stream, table_range
+from cssfs.envelope import CHUNK_SIZE, HEADER_SIZE, chunk_range, table_range
+from cssfs.envstream import encrypt_stream
 from cssfs.fsck import Fsck, conflict_original
 from cssfs.journal import conflict_name
 from cssfs.keys import Identity

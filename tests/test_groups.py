@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cssfs.envelope import HEADER_SIZE, encrypt_stream, object_binding, open_any, parse_header
+from cssfs.envelope import HEADER_SIZE, object_binding, open_any, parse_header
+from cssfs.envstream import encrypt_stream
 from cssfs.errors import ConfigError, FormatError, NoIdentityMatchError
 from cssfs.groups import (
     GroupKeys,
@@ -50,7 +51,7 @@ async def read_with(store: ObjectStore, key: str, identities) -> bytes:
     data = await store.get(key)
     _opened, identity = open_any(data[:HEADER_SIZE], identities,
                                 binding=object_binding(store.full_key(key)))
-    from cssfs.envelope import decrypt_stream
+    from cssfs.envstream import decrypt_stream
 
     out = io.BytesIO()
     decrypt_stream(io.BytesIO(data), out, identity, binding=object_binding(store.full_key(key)))

@@ -12,12 +12,11 @@ import trio
 
 from cssfs.envelope import (
     HEADER_SIZE,
-    decrypt_stream,
-    encrypt_stream,
     object_binding,
     open_header,
     parse_header,
 )
+from cssfs.envstream import decrypt_stream, encrypt_stream
 from cssfs.errors import ConfigError, NoIdentityMatchError
 from cssfs.keys import Identity, Recipient
 from cssfs.policy import Trust, make_policy, parse_policy, policy_key

@@ -11,7 +11,8 @@ import pytest
 
 from cssfs import envelope as env
 from cssfs.crypto import CHUNK_SIZE, PayloadCipher, derive_file_keys
-from cssfs.envelope import chunk_range, decrypt_stream, encrypt_stream, envelope_size, open_header
+from cssfs.envelope import chunk_range, envelope_size, open_header
+from cssfs.envstream import decrypt_stream, encrypt_stream
 from cssfs.errors import ChunkAuthError, PayloadError, TruncatedError
 from tests.test_envelope import ALICE, BOB, Pipe, Sink, flipped, plaintext, seal
 

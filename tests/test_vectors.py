@@ -23,10 +23,10 @@ from cssfs.envelope import (
     check_envelope_size,
     chunk_count,
     chunk_range,
-    decrypt_stream,
     open_header,
     table_range,
 )
+from cssfs.envstream import decrypt_stream
 from cssfs.errors import (
     CssfsError,
     FormatError,

@@ -5,7 +5,7 @@ here), then, each clocked as the whole CLI command and with the bytes on the wir
 the relay in benchlib/proxy.py:
 - `cssfs share --store s3://B FOLDER BOB`: a stanza for Bob on every file, by rewriting only
   each file's 4 KiB header. Checked: Bob's identity opens every object and its plaintext
-  matches the source (in-process, ``envelope.decrypt_stream`` over the raw object).
+  matches the source (in-process, ``envstream.decrypt_stream`` over the raw object).
 - `cssfs unshare --store s3://B FOLDER BOB`: every file re-encrypted under a fresh key without
   Bob. Checked: Bob opens none of them; Alice opens all and gets the source back.
 
@@ -35,7 +35,7 @@ from benchlib.runner import BenchError, log, run_measured
 def _decrypt_all(c: Any, bucket: str, keys: dict[str, str], identity: Any,
                  files: dict[str, bytes]) -> int:
     """How many objects ``identity`` opens; BenchError if an opened one has the wrong bytes."""
-    from cssfs import envelope
+    from cssfs import envstream
     from cssfs.errors import CssfsError
 
     opened = 0
@@ -43,7 +43,7 @@ def _decrypt_all(c: Any, bucket: str, keys: dict[str, str], identity: Any,
         raw = c.get_object(Bucket=bucket, Key=key)["Body"].read()
         out = io.BytesIO()
         try:
-            envelope.decrypt_stream(io.BytesIO(raw), out, identity)
+            envstream.decrypt_stream(io.BytesIO(raw), out, identity)
         except CssfsError:
             continue
         if out.getvalue() != files[rel]:
