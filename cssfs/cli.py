@@ -7,8 +7,14 @@ are found by name; COMMAND_MODULES fixes the order of the known ones) exposes
 ``register(subparsers)``, adds its subcommands and sets ``func`` (``(args) -> int | None``) on
 them. A handler raises CliError (or any CssfsError/OSError) to fail; it never prints errors.
 
-Importing this module loads no command, no trio and no pyfuse3: commands are imported when the
-parser is built, and cmd_store / cmd_mount, which may be missing, must import trio, pyfuse3 and
+Importing this module loads no command, no trio and no pyfuse3. Start-up is part of every
+command's time (``cssfs encrypt`` of a small file is mostly start-up), so a command line is
+parsed by a parser that holds only the module of the command it names: ``COMMANDS`` maps each
+command name to its module, and ``command_of(argv)`` finds the name past the global options.
+Everything else (``--help`` without a command, a name not in the table -- a new cmd_*.py, or a
+typo --, an unknown global option) builds the full parser from every cmd_*.py, so ``cssfs
+--help`` lists every command and a usage error reads as before; ``--version`` builds a parser
+with no commands. cmd_store / cmd_mount, which may be missing, must import trio, pyfuse3 and
 boto3 inside their handlers only, so ``cssfs keygen`` works on a machine without libfuse.
 
 The global options (``-i/--identity``, ``--passphrase-file``, ``--debug``, ``--debug-module``)
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import pkgutil
@@ -69,6 +76,21 @@ PROG = "cssfs"
 # by other parts of the project and may not exist in a given checkout.
 COMMAND_MODULES = ("cmd_keys", "cmd_crypt", "cmd_store", "cmd_mount")
 OPTIONAL_COMMAND_MODULES = frozenset({"cmd_store", "cmd_mount"})
+#: Which module registers each command (aliases included). Only a start-up shortcut: a name
+#: missing here still works through the full parser (tests/test_cli.py checks the table
+#: against what the modules register).
+COMMANDS: dict[str, str] = {
+    **dict.fromkeys(("keygen", "whoami", "export", "import", "contacts"), "cmd_keys"),
+    **dict.fromkeys(("encrypt", "decrypt", "inspect"), "cmd_crypt"),
+    **dict.fromkeys(("put", "get", "cat", "ls", "rm"), "cmd_store"),
+    **dict.fromkeys(("mount", "umount", "unmount", "sync", "status"), "cmd_mount"),
+    "fsck": "cmd_fsck",
+    "service": "cmd_service",
+    **dict.fromkeys(("share", "unshare", "access", "group"), "cmd_share"),
+}
+# The global options that take a value (the next argument unless written --opt=value / -iVALUE).
+_GLOBAL_WITH_VALUE = frozenset({"-i", "--identity", "--passphrase-file", "--debug-module"})
+_GLOBAL_FLAGS = frozenset({"--debug"})
 
 
 class ExitCode(IntEnum):
@@ -209,28 +231,78 @@ class _Parser(argparse.ArgumentParser):
         )
 
 
-def _command_modules() -> Iterator[ModuleType]:
-    # The known modules in their order, then any other cssfs/cmd_*.py (a new command group
-    # needs no edit here). Listing the package directory imports nothing.
+def command_module_names() -> list[str]:
+    """Every command module: the known ones in their order, then any other cssfs/cmd_*.py (a
+    new command group needs no edit here). Listing the package directory imports nothing."""
     import cssfs
 
     extra = sorted(
         info.name for info in pkgutil.iter_modules(cssfs.__path__)
         if info.name.startswith("cmd_") and info.name not in COMMAND_MODULES
     )
-    for name in (*COMMAND_MODULES, *extra):
-        qualified = f"cssfs.{name}"
-        try:
-            yield importlib.import_module(qualified)
-        except ModuleNotFoundError as exc:
-            # Only the absence of the optional module itself is expected; anything it fails
-            # to import is a real error and propagates.
-            if name not in OPTIONAL_COMMAND_MODULES or exc.name != qualified:
-                raise
+    return [*COMMAND_MODULES, *extra]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full parser, with every available command registered."""
+def _import_command_module(name: str) -> ModuleType | None:
+    """``cssfs.<name>``, or None if it is an optional module this checkout lacks."""
+    qualified = f"cssfs.{name}"
+    try:
+        return importlib.import_module(qualified)
+    except ModuleNotFoundError as exc:
+        # Only the absence of the optional module itself is expected; anything it fails
+        # to import is a real error and propagates.
+        if name not in OPTIONAL_COMMAND_MODULES or exc.name != qualified:
+            raise
+        return None
+
+
+def _command_modules(names: Sequence[str] | None = None) -> Iterator[ModuleType]:
+    for name in command_module_names() if names is None else names:
+        module = _import_command_module(name)
+        if module is not None:
+            yield module
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names (its first argument past the global options); None when
+    there is none, or before it an option that is not a global one (``--help``, ``--version``,
+    a typo): only the full parser can answer those."""
+    args = iter(argv)
+    for arg in args:
+        if arg in _GLOBAL_WITH_VALUE:
+            next(args, None)
+        elif arg in _GLOBAL_FLAGS or arg.startswith(("--identity=", "--passphrase-file=",
+                                                     "--debug-module=")):
+            continue
+        elif arg.startswith("-i") and not arg.startswith("--"):
+            continue  # -iFILE
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg
+    return None
+
+
+def _modules_for(argv: Sequence[str]) -> list[str] | None:
+    """The command modules a parser for ``argv`` needs: the one that holds its command, none
+    for a bare ``--version``, None (all of them) for anything else."""
+    command = command_of(argv)
+    if command is None:
+        before = list(argv)
+        for stop, arg in enumerate(before):
+            if arg in ("-h", "--help", "--"):
+                before = before[:stop]
+                break
+        return [] if "--version" in before else None
+    name = COMMANDS.get(command)
+    if name is None or importlib.util.find_spec(f"cssfs.{name}") is None:
+        return None
+    return [name]
+
+
+def build_parser(modules: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with the commands of ``modules`` (names such as ``"cmd_store"``) registered;
+    by default every available command."""
     parser = _Parser(
         prog=PROG,
         description="cssfs: files encrypted for people's public keys, on S3 or any folder.",
@@ -238,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _command_modules():
+    for module in _command_modules(modules):
         module.register(commands)
     return parser
 
@@ -365,8 +437,9 @@ def _silence_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cssfs`` with ``argv`` (default: sys.argv[1:]); return the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        parser = build_parser()
+        parser = build_parser(_modules_for(argv))
         try:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # --help, --version, or a usage error already printed

@@ -559,3 +559,69 @@ def test_debug_logging_and_journal_format(env: Path) -> None:
         journal = f.read().decode().splitlines()
     assert proc.returncode == ExitCode.IO
     assert journal[0] == "<7>cssfs.cli: decrypt failed"
+
+
+# -- start-up: a command imports only its own module ------------------------------------------
+
+
+def _registered(name: str) -> set[str]:
+    """The command names (aliases included) module ``name`` registers."""
+    import argparse
+
+    parser = cli.build_parser([name])
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(action.choices)
+
+
+def test_command_table_matches_the_modules() -> None:
+    # COMMANDS is a start-up shortcut; it must name, for every command, the module that
+    # really registers it, and every module's commands must be in it.
+    seen: dict[str, str] = {}
+    for name in cli.command_module_names():
+        for command in _registered(name):
+            assert command not in seen, (command, name, seen.get(command))
+            seen[command] = name
+    assert seen == cli.COMMANDS
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["get", "s3://b/k"], "get"),
+        (["-i", "put", "get"], "get"),  # -i takes the next argument as its value
+        (["--identity=x", "--debug", "decrypt", "a"], "decrypt"),
+        (["-ix", "--passphrase-file", "p", "--debug-module", "botocore", "ls", "b"], "ls"),
+        (["--help"], None),
+        (["-h", "put"], None),
+        (["--version"], None),
+        (["--bogus", "put"], None),
+        ([], None),
+    ],
+)
+def test_command_of(argv: list[str], command: str | None) -> None:
+    assert cli.command_of(argv) == command
+
+
+def test_a_command_imports_only_its_module(run: Run, env: Path) -> None:
+    code = (
+        "import sys; from cssfs.cli import main; "
+        "rc = main(sys.argv[1:]); "
+        "loaded = sorted(m for m in sys.modules if m.startswith('cssfs.cmd_')); "
+        "print(rc, ' '.join(loaded))"
+    )
+
+    def loaded(*argv: str) -> str:
+        result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                                timeout=60, check=False, cwd=env,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        return result.stdout.decode().strip().splitlines()[-1]
+
+    assert loaded("--version") == "0"
+    assert loaded("-i", "x.id", "whoami") == "22 cssfs.cmd_keys"
+    assert loaded("get", "--help") == "0 cssfs.cmd_store"
+    everything = loaded("--help").split()
+    assert everything[0] == "0"
+    assert {f"cssfs.{name}" for name in set(cli.COMMANDS.values())} <= set(everything[1:])
+    # A typo still gets argparse's usage error from the full parser.
+    result = run("gte", "s3://b/k")
+    assert result.code == ExitCode.USAGE and "invalid choice: 'gte'" in result.err
