@@ -43,7 +43,13 @@ from cssfs.cli import (
     load_identity,
     store_options,
 )
-from cssfs.errors import CssfsError, FormatError, NoSuchObjectError, first_error
+from cssfs.errors import (
+    CssfsError,
+    FormatError,
+    NoIdentityMatchError,
+    NoSuchObjectError,
+    first_error,
+)
 from cssfs.progress import Progress
 
 if TYPE_CHECKING:
@@ -249,6 +255,30 @@ async def _encrypted(
     )
 
 
+async def _reading(
+    store: ObjectStore, identity: Identity, read: Callable[[EncryptedStore], Awaitable[T]]
+) -> T:
+    """``read(es)`` with an EncryptedStore that opens files with our own identity first; only
+    a file not encrypted for it loads the keys of our groups (a LIST and a GET per group, as
+    ``_encrypted`` does) and is tried again with them. Most files are for us: a ``get`` then
+    costs no group requests. ``read`` must fail with NoIdentityMatchError before it writes."""
+    from cssfs.encstore import EncryptedStore
+
+    es = EncryptedStore(store, identity)
+    try:
+        return await read(es)
+    except NoIdentityMatchError:
+        from cssfs.groups import Groups
+        from cssfs.policy import Trust
+
+        trust = Trust.of(identity.recipient, config.Contacts.load())
+        groups = await Groups(store, identity, trust).load_identities()
+        if not groups:
+            raise
+        es.set_identities([g.identity for g in groups])
+    return await read(es)
+
+
 # -- put --------------------------------------------------------------------------------------
 
 
@@ -363,18 +393,18 @@ def _get(args: argparse.Namespace) -> None:
         raise FileNotFoundError(errno.ENOENT, "no such folder", str(dest.parent))
     identity = load_identity(args)
 
+    async def one(es: EncryptedStore) -> None:
+        obj = await es.store.head(key)
+        with _atomic_output(dest) as f, Progress(
+            _plain_size_or_none(obj.size), str(dest), sys.stderr
+        ) as progress:
+            info = await es.get_to(key, f, progress=progress, etag=obj.etag, cipher_size=obj.size)
+            _apply_metadata(f, info)
+
     async def work() -> None:
         async with _opened(loc, args) as store:
-            es = await _encrypted(store, identity)
             try:
-                obj = await store.head(key)
-                with _atomic_output(dest) as f, Progress(
-                    _plain_size_or_none(obj.size), str(dest), sys.stderr
-                ) as progress:
-                    info = await es.get_to(
-                        key, f, progress=progress, etag=obj.etag, cipher_size=obj.size
-                    )
-                    _apply_metadata(f, info)
+                await _reading(store, identity, one)
             except CssfsError as exc:
                 raise about(loc.where(key), exc) from None
 
@@ -429,7 +459,7 @@ async def _cat_all(args: argparse.Namespace, locs: Sequence[Location], identity:
         key = _object_key(loc)
         async with _opened(loc, args) as store:
             try:
-                await (await _encrypted(store, identity)).get_to(key, out)
+                await _reading(store, identity, lambda es: es.get_to(key, out))  # noqa: B023
             except CssfsError as exc:
                 raise about(loc.where(key), exc) from None
 

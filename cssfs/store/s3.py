@@ -45,6 +45,7 @@ import builtins
 import contextlib
 import email.utils
 import hashlib
+import http.client
 import logging
 import random
 import time
@@ -102,7 +103,7 @@ DEFAULT_MAX_CONNECTIONS = 10
 MAX_COPY_PART_SIZE = 5 * 1024**3  # S3: the largest part, and the largest CopyObject source
 DEFAULT_COPY_PART_SIZE = 1024**3  # UploadPartCopy ranges of replace_head, copied in parallel
 _ABORT_RETRY = RetryPolicy(attempts=3, budget=5.0, base_delay=0.1, max_delay=1.0)
-_READ_PIECE = 1024 * 1024  # get_into reads a body this much at a time
+_READ_PIECE = 1024 * 1024  # get_into reads a body this much at a time (portable path)
 _ABORT_SECONDS = 15  # at most this long in an abort, even while the caller is cancelled
 
 _TRANSIENT_CODES = frozenset(
@@ -182,6 +183,43 @@ def _server_time(response: dict[str, Any]) -> float:
         with contextlib.suppress(TypeError, ValueError):
             return email.utils.parsedate_to_datetime(date).timestamp()
     return time.time()
+
+
+def _read_body_into(body: Any, buf: memoryview) -> int:
+    """Read a GET's body into ``buf`` (until it is full or the body ends); the bytes read.
+
+    botocore's ``StreamingBody.readinto`` goes through urllib3 2's, which reads a new bytes
+    object and copies it (and http.client's ``read(n)`` copies once more): three copies of every
+    byte and fresh pages for each piece -- at 1 GiB, a large part of ``cssfs get``'s CPU. So when
+    the body is, as it is with botocore's urllib3 transport, a urllib3 response over an
+    http.client one, the socket's bytes are read straight into ``buf`` by http.client (which
+    still does the HTTP framing: Content-Length, chunked encoding), and the connection is given
+    back to the pool once a body of known length is read to its end, as urllib3 does itself
+    (a body cut short closes it; the caller sees the short count). botocore asks
+    for bodies undecoded (no Content-Encoding is undone), so the bytes are the same. Anything
+    else (another transport, a stubbed body) takes the portable path, in 1 MiB pieces.
+    """
+    raw: Any = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    if isinstance(fp, http.client.HTTPResponse) and callable(getattr(raw, "release_conn", None)):
+        n = 0
+        while n < len(buf):
+            with buf[n:] as rest:
+                got = fp.readinto(rest)
+            if not got:
+                break
+            n += got
+        if fp.isclosed() and fp.length == 0 and not fp.will_close:
+            raw.release_conn()  # the whole body was read: the connection is reusable
+        return n
+    n = 0
+    while n < len(buf):
+        with buf[n : n + _READ_PIECE] as piece:
+            got = body.readinto(piece)
+        if not got:
+            break
+        n += got
+    return n
 
 
 class S3Store(StoreBase):
@@ -445,17 +483,9 @@ class S3Store(StoreBase):
         }
 
         def fetch() -> int:
-            # Read in pieces straight into the caller's buffer: one small temporary per piece
-            # instead of one body-sized bytes object per GET (fresh pages, heap growth).
             response: Any = self._client.get_object(**params)
-            n = 0
             with contextlib.closing(response["Body"]) as body:
-                while n < len(buf):
-                    with buf[n : n + _READ_PIECE] as piece:
-                        got = body.readinto(piece)
-                    if not got:
-                        break
-                    n += got
+                n = _read_body_into(body, buf)
             expected = response.get("ContentLength", n)
             if n != expected:
                 raise botocore.exceptions.IncompleteReadError(
