@@ -41,6 +41,7 @@ from cssfs.cli import (
     about,
     add_store_options,
     load_identity,
+    startup,
     store_options,
 )
 from cssfs.errors import (
@@ -188,9 +189,10 @@ def _local_location(text: str, path: str) -> Location:
 
 
 def _open_store(loc: Location, args: argparse.Namespace) -> ObjectStore:
-    from cssfs.store.url import open_store
+    with startup():  # botocore's imports and models
+        from cssfs.store.url import open_store
 
-    return open_store(loc.store_url, **store_options(args))
+        return open_store(loc.store_url, **store_options(args))
 
 
 @contextlib.contextmanager
@@ -211,7 +213,8 @@ def _quiet_encstore(args: argparse.Namespace) -> Iterator[None]:
 
 def _run(args: argparse.Namespace, fn: Callable[[], Awaitable[T]]) -> T:
     """Run ``fn`` under trio; a nursery's ExceptionGroup is reported as its first error."""
-    import trio
+    with startup():
+        import trio
 
     with _quiet_encstore(args):
         try:
@@ -262,7 +265,8 @@ async def _reading(
     a file not encrypted for it loads the keys of our groups (a LIST and a GET per group, as
     ``_encrypted`` does) and is tried again with them. Most files are for us: a ``get`` then
     costs no group requests. ``read`` must fail with NoIdentityMatchError before it writes."""
-    from cssfs.encstore import EncryptedStore
+    with startup():
+        from cssfs.encstore import EncryptedStore
 
     es = EncryptedStore(store, identity)
     try:

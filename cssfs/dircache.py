@@ -82,6 +82,12 @@ class DirCache(Generic[E]):
             return None
         return folder.entries
 
+    def peek(self, path: str) -> dict[str, E] | None:
+        """The last listing of ``path`` even if it is no longer fresh (None if there is none):
+        for guesses that may be wrong (which files to read ahead), never for answers."""
+        folder = self._folders.get(path)
+        return None if folder is None else folder.entries
+
     async def get(self, path: str, loader: Callable[[], Awaitable[dict[str, E]]]) -> dict[str, E]:
         """The listing of ``path``: fresh from memory, or from ``loader`` (one at a time)."""
         while True:

@@ -44,6 +44,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import BinaryIO, Generic, Literal, TypeVar
 
 import trio
@@ -341,6 +342,7 @@ class EncryptedStore:
         self._headers: _Lru[tuple[str, str], HeaderInfo] = _Lru(header_cache_entries)
         self._opened: _Lru[tuple[str, str], _OpenState] = _Lru(open_cache_entries)
         self._in_flight: dict[tuple[str, str, int], _Flight] = {}
+        self._open_flights: dict[tuple[str, str], trio.Event] = {}
         self._own = identity.recipient
         self._exit_stack: AsyncExitStack | None = None
         self._warned: _Lru[tuple[str, str], bool] = _Lru(1024)
@@ -481,11 +483,57 @@ class EncryptedStore:
         if etag is None or cipher_size is None:
             obj = await self.store.head(key)
             etag, cipher_size = obj.etag, obj.size
-        state = self._opened.get((key, etag))
-        if state is None:
+        while True:
+            state = self._opened.get((key, etag))
+            if state is not None:
+                return EncryptedFile(self, state)
+            flight = self._open_flights.get((key, etag))
+            if flight is None:
+                break
+            await flight.wait()  # a prefetch of this version; if it failed, open it ourselves
+        state = await self._open_flight(key, etag, cipher_size)
+        return EncryptedFile(self, state)
+
+    async def _open_flight(self, key: str, etag: str, cipher_size: int) -> _OpenState:
+        """Open one version, registered in ``_open_flights`` while it runs (one GET however
+        many callers, prefetch included)."""
+        done = self._open_flights[(key, etag)] = trio.Event()
+        try:
             state = await self._open_state(key, etag, cipher_size)
             self._opened.put((key, etag), state)
-        return EncryptedFile(self, state)
+        finally:
+            del self._open_flights[(key, etag)]
+            done.set()
+        return state
+
+    def prefetch_open(self, key: str, etag: str, cipher_size: int) -> bool:
+        """Open a small object (at most ``whole_object_bytes``: fetched whole, its chunks into
+        the cache) in the background, so that a later ``open`` finds it ready: the mount's folder
+        read-ahead, for programs that open a folder's files one after another. False if it was
+        not started (too large, opened or in flight already, no nursery or cache). Errors are
+        logged at DEBUG; the ``open`` that follows meets them again."""
+        if (self._nursery is None or not self.cache.enabled
+                or cipher_size > self.whole_object_bytes
+                or (key, etag) in self._open_flights or self._opened.get((key, etag))):
+            return False
+        try:
+            self._nursery.start_soon(self._prefetch_open_task, key, etag, cipher_size)
+        except RuntimeError:  # the nursery is closing
+            return False
+        # Claimed now, not when the task starts: an open right after this waits for it.
+        self._open_flights[(key, etag)] = trio.Event()
+        return True
+
+    async def _prefetch_open_task(self, key: str, etag: str, cipher_size: int) -> None:
+        claim = self._open_flights.pop((key, etag), None)
+        try:
+            if self._opened.get((key, etag)) is None:
+                await self._open_flight(key, etag, cipher_size)
+        except Exception as exc:  # a hint: never crash on it
+            log.debug("object %s: open ahead failed: %s", key, exc)
+        finally:
+            if claim is not None:
+                claim.set()
 
     async def _open_state(self, key: str, etag: str, cipher_size: int) -> _OpenState:
         whole: bytes | None = None
@@ -540,9 +588,9 @@ class EncryptedStore:
             opened, _ = await trio.to_thread.run_sync(
                 _open_run, state.envelope, 0, count, data, 0, limiter=self.cpu_limiter
             )
-        for i, plain in opened:
-            if self.cache.get(state.key, state.etag, i) is None:  # counted as the miss it is
-                self.cache.put(state.key, state.etag, i, plain)
+        for i, plain in opened:  # read once from the start, most likely: a stream's chunks
+            if self.cache.get(state.key, state.etag, i, stream=True) is None:  # the miss it is
+                self.cache.put(state.key, state.etag, i, plain, stream=True)
 
     async def _fetch_header_and_table(
         self, key: str, cipher_size: int
@@ -567,15 +615,18 @@ class EncryptedStore:
             nursery.start_soon(fetch, "table", table_off, table_off + table_len)
         return parts["header"], parts["table"]
 
-    async def _chunks(self, state: _OpenState, indexes: range) -> dict[int, bytes]:
+    async def _chunks(
+        self, state: _OpenState, indexes: range, *, stream: bool = False
+    ) -> dict[int, bytes]:
         """Plaintext of chunks ``indexes`` of one object version: cache, shared flights, then
-        coalesced ranged GETs for the rest."""
+        coalesced ranged GETs for the rest. ``stream``: for a sequential reader (the cache
+        keeps such chunks only briefly, ChunkCache's probation)."""
         out: dict[int, bytes] = {}
         pending: Iterable[int] = indexes
         while pending:
-            mine, waits = self._claim(state, pending, out)
+            mine, waits = self._claim(state, pending, out, stream=stream)
             if mine:
-                await self._lead(state, mine, out)
+                await self._lead(state, mine, out, stream=stream)
             pending = []
             for i, flight in waits:
                 await flight.done.wait()
@@ -587,7 +638,7 @@ class EncryptedStore:
 
     def _claim(
         self, state: _OpenState, indexes: Iterable[int], out: dict[int, bytes], *,
-        peek: bool = False,
+        peek: bool = False, stream: bool = False,
     ) -> tuple[builtins.list[int], builtins.list[tuple[int, _Flight]]]:
         """Sort chunks into cached (copied to ``out``; with ``peek`` just skipped, uncounted),
         in flight (to wait for) and ours: a flight is registered for each of ours, here,
@@ -600,7 +651,7 @@ class EncryptedStore:
                 if ck in self.cache:
                     continue
             else:
-                data = self.cache.get(*ck)
+                data = self.cache.get(*ck, stream=stream)
                 if data is not None:
                     out[i] = data
                     continue
@@ -613,11 +664,12 @@ class EncryptedStore:
         return mine, waits
 
     async def _lead(
-        self, state: _OpenState, mine: builtins.list[int], out: dict[int, bytes]
+        self, state: _OpenState, mine: builtins.list[int], out: dict[int, bytes], *,
+        stream: bool = False,
     ) -> None:
         """Fetch the chunks we claimed, then hand them to whoever waits (even on failure)."""
         try:
-            await self._fetch(state, mine, out)
+            await self._fetch(state, mine, out, stream=stream)
         finally:
             self._land(state, mine, out)
 
@@ -628,7 +680,8 @@ class EncryptedStore:
             flight.done.set()
 
     async def _fetch(
-        self, state: _OpenState, indexes: builtins.list[int], out: dict[int, bytes]
+        self, state: _OpenState, indexes: builtins.list[int], out: dict[int, bytes], *,
+        stream: bool = False,
     ) -> None:
         runs: builtins.list[tuple[int, int]] = []
         for i in sorted(indexes):
@@ -637,11 +690,12 @@ class EncryptedStore:
             else:
                 runs.append((i, i + 1))
         if len(runs) == 1:
-            await self._fetch_run(state, *runs[0], out)
+            await self._fetch_run(state, *runs[0], out, stream=stream)
             return
         async with _nursery() as nursery:
             for first, stop in runs:
-                nursery.start_soon(self._fetch_run, state, first, stop, out)
+                nursery.start_soon(partial(self._fetch_run, stream=stream),
+                                   state, first, stop, out)
 
     async def _fetch_run(
         self,
@@ -651,9 +705,10 @@ class EncryptedStore:
         out: dict[int, bytes],
         *,
         remember: bool = True,
+        stream: bool = False,
     ) -> None:
         """One ranged GET for chunks [first, stop), opened and put in ``out`` (and in the cache
-        if ``remember``)."""
+        if ``remember``: with ``stream`` in its probation)."""
         start, data = await self._get_run(state, first, stop)
         if stop - first <= INLINE_CHUNKS:
             opened, failure = _open_run(state.envelope, first, stop, data, start)
@@ -664,7 +719,7 @@ class EncryptedStore:
         for i, plain in opened:
             out[i] = plain
             if remember:
-                self.cache.put(state.key, state.etag, i, plain)
+                self.cache.put(state.key, state.etag, i, plain, stream=stream)
         if failure is not None:
             self._warn(state.key, state.etag, str(failure))
             raise failure
@@ -697,7 +752,7 @@ class EncryptedStore:
 
     async def _prefetch_task(self, state: _OpenState, mine: builtins.list[int]) -> None:
         try:
-            await self._lead(state, mine, {})
+            await self._lead(state, mine, {}, stream=True)
         except Exception as exc:  # read-ahead is a hint: never crash on it
             log.debug("object %s: read-ahead of chunks %d-%d failed: %s",
                       state.key, mine[0], mine[-1], exc)
@@ -1246,7 +1301,10 @@ class EncryptedFile:
         indexes = chunks_for(offset, size, plain)
         if not indexes:
             return b""
-        chunks = await self._store._chunks(self.state, indexes)
+        # A read that continues the last one (or starts the file) is a stream: the reader's
+        # page cache keeps what it gets, so the chunk cache need not (drop-behind).
+        stream = offset == self._next_offset
+        chunks = await self._store._chunks(self.state, indexes, stream=stream)
         first = indexes.start * CHUNK_SIZE
         end = min(offset + size, plain)
         if len(indexes) == 1 and offset == first and end - first == len(chunks[indexes.start]):

@@ -91,6 +91,11 @@ XATTR_RECIPIENTS = b"user.cssfs.recipients"
 XATTR_SIGNATURE = b"user.cssfs.signature"
 XATTRS = (XATTR_WRITER, XATTR_RECIPIENTS, XATTR_SIGNATURE)
 STRICT_ENV = "CSSFS_STRICT"
+#: Folder read-ahead: once two files of a folder are opened for reading one after the other in
+#: listing order (cp -r, tar, grep -r), the next this many small files are opened ahead --
+#: fetched whole, in parallel (EncryptedStore.prefetch_open).
+FOLDER_READAHEAD_FILES = 8
+FOLDER_SCANS = 64  # folders whose reading order is followed
 INTERNAL_PREFIX = ".cssfs-"  # cssfs.policy's names for its own objects; hidden, not creatable
 
 Kind = Literal["file", "dir", "foreign"]
@@ -167,6 +172,19 @@ class DirHandle:
     entries: list[tuple[str, Attrs]] | None = None
 
 
+@dataclass(eq=False)
+class _FolderScan:
+    """Which files of one folder were opened for reading, in what order (folder read-ahead)."""
+
+    listing: dict[str, Attrs]  # the listing ``names`` was sorted from
+    size: int  # its length then (our own changes edit it in place)
+    names: list[str]
+    index: dict[str, int]
+    last: str | None = None  # the file opened last
+    run: int = 0  # files opened in a row, each the next name after the one before
+    ahead_until: int = 0  # names below this index were opened ahead already
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -231,6 +249,9 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False  # the kernel's page cache would reorder our staging
     enable_acl = False
+    #: Run (as a task in ``nursery``) once the kernel's INIT has been answered: settings the
+    #: kernel resets when it applies the answer (the mount's read-ahead) go here.
+    after_init: Callable[[], Awaitable[None]] | None = None
 
     def __init__(
         self,
@@ -278,11 +299,18 @@ class Operations(pyfuse3.Operations):
         self._meta_flights: dict[tuple[str, str], trio.Event] = {}
         self._header_limiter = trio.CapacityLimiter(HEADER_PREFETCH)
         self._refused: set[str] = set()  # keys we logged "cannot open" for
+        self._scans: OrderedDict[str, _FolderScan] = OrderedDict()
         # key -> (count, etag) of our own uploads that landed: a file opened over a pending
         # version that lands meanwhile must build on the landed version.
         self._landed: dict[str, tuple[int, str]] = {}
         journal.on_uploaded = self._uploaded
         journal.on_deleted = self._deleted
+
+    def init(self) -> None:
+        """pyfuse3, while it answers the kernel's INIT: start ``after_init``, which runs once
+        the answer has gone out (this is synchronous, inside libfuse's INIT handling)."""
+        if self.after_init is not None and self.nursery is not None:
+            self.nursery.start_soon(self.after_init)
 
     # -- errors ---------------------------------------------------------------------------------
 
@@ -794,6 +822,47 @@ class Operations(pyfuse3.Operations):
                 raise
         return reader
 
+    def _read_ahead_folder(self, path: str) -> None:
+        """Folder read-ahead: note that ``path`` is opened for reading; if it is the next name
+        after the file opened before in its folder's listing, open the next small files ahead.
+        Only a guess (from the folder's last listing, fresh or not): what it gets wrong costs a
+        GET, never a wrong answer (files are opened by the version listed)."""
+        parent, name = split(path)
+        listing = self.listings.peek(parent)
+        if listing is None:
+            return
+        scan = self._scans.get(parent)
+        if scan is None or scan.listing is not listing or scan.size != len(listing):
+            names = sorted(listing)
+            last = scan.last if scan is not None else None
+            run = scan.run if scan is not None else 0
+            scan = _FolderScan(listing, len(listing), names, {n: i for i, n in enumerate(names)},
+                               last, run)
+            self._scans[parent] = scan
+            while len(self._scans) > FOLDER_SCANS:
+                self._scans.popitem(last=False)
+        self._scans.move_to_end(parent)
+        i = scan.index.get(name)
+        if i is None:
+            return
+        before = scan.index.get(scan.last) if scan.last is not None else None
+        scan.last = name
+        if before is None or i != before + 1:
+            scan.run = 0
+            scan.ahead_until = i + 1
+            return
+        scan.run += 1
+        stop = min(i + 1 + FOLDER_READAHEAD_FILES, len(scan.names))
+        for j in range(max(scan.ahead_until, i + 1), stop):
+            attrs = listing.get(scan.names[j])
+            if (attrs is None or attrs.kind != "file" or attrs.etag is None
+                    or attrs.cipher_size is None):
+                continue
+            key = join(parent, scan.names[j])
+            if self._local(key) is None and not self.journal.is_hidden(key):
+                self.encstore.prefetch_open(key, attrs.etag, attrs.cipher_size)
+        scan.ahead_until = max(scan.ahead_until, stop)
+
     async def _stage(self, node: Node, attrs: Attrs, *, truncate: bool = False) -> FileState:
         """Make sure ``node`` has staged contents: copy-on-write over what is there now, or
         empty for O_TRUNC (libfuse passes O_TRUNC to open: atomic_o_trunc is on by default)."""
@@ -844,6 +913,7 @@ class Operations(pyfuse3.Operations):
             if writable:
                 await self._stage(node, attrs, truncate=bool(flags & os.O_TRUNC))
             else:
+                self._read_ahead_folder(node.path)
                 handle.reader = await self._reader(node.path, attrs)
         elif writable and flags & os.O_TRUNC and state.staged.size:
             await state.staged.truncate(0)

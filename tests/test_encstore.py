@@ -461,6 +461,63 @@ async def test_sequential_reads_prefetch(memory_store: ObjectStore, me: Identity
         assert store.stats.requests["get"] - gets <= 3  # one per read-ahead top-up
 
 
+async def test_a_sequential_read_leaves_the_cache_to_random_access(
+    memory_store: ObjectStore, me: Identity
+) -> None:
+    store = memory_store
+    data = pattern(64 * CS, 21)
+    await es_for(store, me).put("stream", data)
+    await es_for(store, me).put("random", data[: 8 * CS])
+    async with es_for(store, me, cache=2 << 20, readahead_bytes=8 * CS) as es:
+        r = await es.open("random")
+        for i in (5, 1, 3):  # random access: kept (main)
+            assert await r.read(i * CS + 7, 10) == data[i * CS + 7 : i * CS + 17]
+        f = await es.open("stream")
+        for off in range(0, len(data), 2 * CS):  # a one-pass read, 4x the cache
+            assert await f.read(off, 2 * CS) == data[off : off + 2 * CS]
+        await trio.testing.wait_all_tasks_blocked()
+        assert es.cache.stats.probation_bytes <= es.cache.probation_bytes
+        gets = store.stats.requests["get"]
+        for i in (5, 1, 3):
+            assert await r.read(i * CS + 7, 10) == data[i * CS + 7 : i * CS + 17]
+        assert store.stats.requests["get"] == gets
+        # A chunk a stream brought in and another reader asks for is kept from then on.
+        g = await es.open("stream")
+        assert await g.read(63 * CS + 1, 5) == data[63 * CS + 1 : 63 * CS + 6]
+        assert es.cache.stats.promotions == 1
+        assert await g.read(63 * CS + 9, 5) == data[63 * CS + 9 : 63 * CS + 14]
+        assert store.stats.requests["get"] == gets
+
+
+async def test_open_ahead_shares_one_get_with_the_open(
+    memory_store: ObjectStore, me: Identity
+) -> None:
+    store = memory_store
+    data = pattern(3 * CS + 5, 22)
+    info = await es_for(store, me).put("small", data)
+    async with es_for(store, me, cache=4 << 20, whole_object_bytes=WHOLE_OBJECT_BYTES) as es:
+        gets = store.stats.requests["get"]
+        assert es.prefetch_open("small", info.etag, info.size)
+        assert not es.prefetch_open("small", info.etag, info.size)  # in flight already
+        f = await es.open("small", etag=info.etag, cipher_size=info.size)  # waits for it
+        assert await f.read(0, len(data)) == data
+        assert store.stats.requests["get"] - gets == 1
+        assert not es.prefetch_open("small", info.etag, info.size)  # opened already
+        assert not es.prefetch_open("big", "x", WHOLE_OBJECT_BYTES + 1)  # not small
+
+
+async def test_open_ahead_of_a_missing_object_is_quiet(
+    memory_store: ObjectStore, me: Identity
+) -> None:
+    async with es_for(memory_store, me, cache=4 << 20,
+                      whole_object_bytes=WHOLE_OBJECT_BYTES) as es:
+        assert es.prefetch_open("gone", "e", 9000)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not es._open_flights
+        with pytest.raises(NoSuchObjectError):
+            await es.open("gone", etag="e", cipher_size=9000)
+
+
 async def test_closing_the_store_cancels_read_ahead(
     memory_store: ObjectStore, me: Identity
 ) -> None:

@@ -23,7 +23,7 @@ from pyfuse3 import FUSEError
 
 from cssfs import fs as fsmod
 from cssfs.cache import ChunkCache
-from cssfs.encstore import EncryptedStore
+from cssfs.encstore import WHOLE_OBJECT_BYTES, EncryptedStore
 from cssfs.envelope import CHUNK_SIZE as CS
 from cssfs.folderattrs import FolderAttrs
 from cssfs.fs import Operations
@@ -413,6 +413,44 @@ async def test_unlink_missing(env: FS) -> None:
 
 
 # -- folders --------------------------------------------------------------------------------------
+
+
+async def test_reading_a_folder_in_order_opens_the_next_files_ahead(env: FS) -> None:
+    es = env.ops.encstore
+    es.whole_object_bytes = WHOLE_OBJECT_BYTES
+    fetched: list[str] = []
+    get = env.store.get
+
+    async def counting_get(key: str, start: int = 0, end: int | None = None) -> bytes:
+        fetched.append(key)
+        return await get(key, start, end)
+
+    await env.mkdir("many")
+    files = {f"many/f{i:03d}": pattern(100 + i, i) for i in range(20)}
+    for path, data in files.items():
+        await env.write_file(path, data)
+    await env.journal.flush()
+    env.ops.listings.invalidate("many")  # cold, as after a remount
+    assert len(await env.listdir("many")) == 20
+    env.store.get = counting_get
+    names = sorted(files)
+    async def settled() -> None:  # the opens ahead have finished (their GETs may be threads)
+        while es._open_flights:
+            await next(iter(es._open_flights.values())).wait()
+
+    for path in names[:2]:  # two in listing order: a scan
+        assert await env.read_file(path) == files[path]
+    await settled()
+    ahead = names[2 : 2 + fsmod.FOLDER_READAHEAD_FILES]
+    assert sorted(k for k, _ in es._opened._d) == names[: 2 + len(ahead)]  # opened ahead
+    for path in names[2:]:
+        assert await env.read_file(path) == files[path]
+        await settled()
+    assert sorted(fetched) == names  # each one GET, however it was opened
+    # Out of order: no read-ahead, nothing wrong.
+    es.forget(names[5])
+    assert await env.read_file(names[5]) == files[names[5]]
+    assert await env.read_file(names[0]) == files[names[0]]
 
 
 async def test_mkdir_readdir_rmdir(env: FS) -> None:
