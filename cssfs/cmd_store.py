@@ -16,6 +16,8 @@ Commands run on trio (imported in the handlers only, so ``cssfs keygen`` needs n
 boto3). Errors become ``CliError``s that name the object; the encstore's WARNING log line about a
 tampered object is held back (the one error line says it) unless ``--debug`` is given.
 ``get`` writes to a temporary file beside DEST and renames it only after every chunk verified.
+``get`` and ``cat`` open a file with our own identity first and load the keys of our groups
+(a LIST and a GET per group) only if that fails, so the usual ``get`` makes no group requests.
 """
 
 from __future__ import annotations
