@@ -91,6 +91,9 @@ SEAL_BATCH_CHUNKS = 32
 #: Most chunks fetched by one coalesced ranged GET (4 MiB: per request the server and botocore
 #: spend milliseconds; 4 MiB GETs read a file cold at 1.5-2x the speed of 1 MiB ones here).
 MAX_COALESCE_CHUNKS = 64
+#: Ciphertext buffers of coalesced GETs kept for reuse (MAX_COALESCE_CHUNKS chunks each, ~4 MiB);
+#: more are allocated while more GETs run at once, and dropped after.
+RUN_BUFFERS_KEPT = 2
 #: The mount's ``whole_object_bytes``: objects up to this size are fetched whole by open (one
 #: GET instead of header, table and chunks: three round trips for a small file), their chunks
 #: decrypted into the cache.
@@ -343,6 +346,7 @@ class EncryptedStore:
         self._opened: _Lru[tuple[str, str], _OpenState] = _Lru(open_cache_entries)
         self._in_flight: dict[tuple[str, str, int], _Flight] = {}
         self._open_flights: dict[tuple[str, str], trio.Event] = {}
+        self._run_buffers: list[bytearray] = []  # ciphertext of coalesced GETs, reused
         self._own = identity.recipient
         self._exit_stack: AsyncExitStack | None = None
         self._warned: _Lru[tuple[str, str], bool] = _Lru(1024)
@@ -708,14 +712,14 @@ class EncryptedStore:
         stream: bool = False,
     ) -> None:
         """One ranged GET for chunks [first, stop), opened and put in ``out`` (and in the cache
-        if ``remember``: with ``stream`` in its probation)."""
-        start, data = await self._get_run(state, first, stop)
+        if ``remember``: with ``stream`` in its probation). A run of more than INLINE_CHUNKS
+        is read into a pooled buffer (``store.get_into``: no body-sized allocation, no copies
+        on S3) and opened in a worker thread."""
         if stop - first <= INLINE_CHUNKS:
+            start, data = await self._get_run(state, first, stop)
             opened, failure = _open_run(state.envelope, first, stop, data, start)
         else:
-            opened, failure = await trio.to_thread.run_sync(
-                _open_run, state.envelope, first, stop, data, start, limiter=self.cpu_limiter
-            )
+            opened, failure = await self._fetch_run_pooled(state, first, stop)
         for i, plain in opened:
             out[i] = plain
             if remember:
@@ -723,6 +727,33 @@ class EncryptedStore:
         if failure is not None:
             self._warn(state.key, state.etag, str(failure))
             raise failure
+
+    async def _fetch_run_pooled(
+        self, state: _OpenState, first: int, stop: int
+    ) -> tuple[builtins.list[tuple[int, bytes]], PayloadError | None]:
+        """Chunks [first, stop) through a pooled ciphertext buffer: ranged GET into it, then
+        opened (table hash + GCM) in a worker thread behind ``cpu_limiter``."""
+        size = state.envelope.header.plain_size
+        start = chunk_range(first, size)[0]
+        last_off, last_len = chunk_range(stop - 1, size)
+        length = last_off + last_len - start
+        pool = self._run_buffers
+        buf = pool.pop() if pool else bytearray(MAX_COALESCE_CHUNKS * (CHUNK_SIZE + TAG_SIZE))
+        if len(buf) < length:
+            buf = bytearray(length)
+        ct = memoryview(buf)[:length]  # not released by hand: a traceback may still hold it
+        try:
+            got = await self.store.get_into(state.key, start, ct)
+            if got != length:
+                err = TruncatedError(f"chunks {first}-{stop - 1}: short read ({got} bytes)")
+                self._warn(state.key, state.etag, str(err))
+                raise err
+            return await trio.to_thread.run_sync(
+                _open_run, state.envelope, first, stop, ct, start, limiter=self.cpu_limiter
+            )
+        finally:
+            if len(pool) < RUN_BUFFERS_KEPT:
+                pool.append(buf)
 
     async def _get_run(self, state: _OpenState, first: int, stop: int) -> tuple[int, bytes]:
         """The ciphertext of chunks [first, stop) in one ranged GET, and where it starts."""
@@ -1164,7 +1195,8 @@ def _plain_size_or_none(cipher_size: int) -> int | None:
 
 
 def _open_run(
-    envelope: OpenedEnvelope, first: int, stop: int, data: bytes, base: int
+    envelope: OpenedEnvelope, first: int, stop: int, data: bytes | bytearray | memoryview,
+    base: int,
 ) -> tuple[list[tuple[int, bytes]], PayloadError | None]:
     """Open chunks [first, stop) from ``data`` (which starts at envelope offset ``base``).
 
