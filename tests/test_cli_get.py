@@ -151,9 +151,22 @@ def _aws_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("_aws_keys")
-async def test_get_into_reuses_one_connection(range_server: _RangeServer) -> None:
+async def test_get_into_reuses_one_connection(
+    range_server: _RangeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib3.response
+
     from cssfs.store.s3 import S3Store
 
+    copying_reads = 0
+    original = urllib3.response.HTTPResponse.read
+
+    def counted_read(self: object, *args: object, **kwargs: object) -> object:
+        nonlocal copying_reads
+        copying_reads += 1
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(urllib3.response.HTTPResponse, "read", counted_read)
     store = _store(range_server.endpoint)
     assert isinstance(store, S3Store)
     data = range_server.data
@@ -171,6 +184,7 @@ async def test_get_into_reuses_one_connection(range_server: _RangeServer) -> Non
         await store.aclose()
     assert range_server.requests == 5
     assert range_server.connections == 1  # every body read to its end gave the connection back
+    assert copying_reads == 0  # the bodies went straight into the buffer, not through urllib3
 
 
 @pytest.mark.usefixtures("_aws_keys")

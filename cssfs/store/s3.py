@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import botocore.config
 import botocore.exceptions
+import botocore.response
 import botocore.session
 import trio
 
@@ -196,12 +197,18 @@ def _read_body_into(body: Any, buf: memoryview) -> int:
     still does the HTTP framing: Content-Length, chunked encoding), and the connection is given
     back to the pool once a body of known length is read to its end, as urllib3 does itself
     (a body cut short closes it; the caller sees the short count). botocore asks
-    for bodies undecoded (no Content-Encoding is undone), so the bytes are the same. Anything
-    else (another transport, a stubbed body) takes the portable path, in 1 MiB pieces.
+    for bodies undecoded (no Content-Encoding is undone), so the bytes are the same. A body
+    botocore validates against a checksum header (``StreamingChecksumBody``: S3 sends those
+    for whole objects, not for ranges), another transport or a stubbed body takes the portable
+    path, in 1 MiB pieces, so nothing botocore checks goes unchecked.
     """
     raw: Any = getattr(body, "_raw_stream", None)
     fp = getattr(raw, "_fp", None)
-    if isinstance(fp, http.client.HTTPResponse) and callable(getattr(raw, "release_conn", None)):
+    if (
+        type(body) is botocore.response.StreamingBody  # not a checksum-validating subclass
+        and isinstance(fp, http.client.HTTPResponse)
+        and callable(getattr(raw, "release_conn", None))
+    ):
         n = 0
         while n < len(buf):
             with buf[n:] as rest:
