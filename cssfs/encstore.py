@@ -1052,10 +1052,15 @@ class EncryptedStore:
         *,
         if_match: str | None = None,
         if_none_match: bool = False,
+        data: bytes | None = None,
     ) -> ObjectInfo:
         """Upload an envelope file (from seal_to_file or rebind_file) as it is. One that fits
-        in a part is read whole first (one thread hop, then a single PUT of bytes)."""
-        small = await trio.to_thread.run_sync(_read_if_small, path, self.store.part_size)
+        in a part is read whole first (one thread hop, then a single PUT of bytes); ``data``:
+        the file's bytes, when the caller holds them (no read at all)."""
+        if data is not None and len(data) <= self.store.part_size:
+            small: bytes | None = data
+        else:
+            small = await trio.to_thread.run_sync(_read_if_small, path, self.store.part_size)
         if small is not None:
             result = await self.store.put(
                 key, small, if_match=if_match, if_none_match=if_none_match

@@ -110,6 +110,8 @@ SEAL_BATCH_CHUNKS = 32
 SMALL_COMMIT_CHUNKS = 16
 #: A file being written starts its upload once this much of it is sealed (an eager upload).
 EAGER_MIN_BYTES = 32 * 1024 * 1024
+#: Ciphertext of small pending envelopes kept in memory for their upload, at most (all files).
+HELD_BYTES = 32 * 1024 * 1024
 #: rsync's temporary names (.NAME.XXXXXX): renamed right after close, so never uploaded early.
 _TEMP_NAME = re.compile(r"\.[^/]+\.[A-Za-z0-9]{6}")
 #: Bytes read from the envelope file per piece of an eager upload.
@@ -239,6 +241,9 @@ class _Envelope:
     # Sealed for us alone because the folder's sharing policy could not be read (store down):
     # its recipients are added to the header before the upload.
     unresolved: bool = False
+    # A copy of the file's bytes (ciphertext), kept for a small envelope so that its upload
+    # does not read the file back; the header is rewritten in both (see HELD_BYTES).
+    data: bytearray | None = field(default=None, repr=False)
 
 
 @dataclass(eq=False)
@@ -579,6 +584,16 @@ class Journal:
         self._sealing: dict[str, int] = {}
         self._seal_files: set[str] = set()  # temporary files of commits in progress
         self._sealing_done = trio.Event()
+        self._held = 0  # bytes of _Envelope.data
+        # Finished records whose files the uploader's janitor removes, outside the mutex.
+        self._trash: list[_Record] = []
+        self._trash_added = trio.Event()
+        self._trashing = False
+        self._trash_done = trio.Event()
+        # Sidecars replaced without a directory fsync (_persist(durable=False)), counted, and
+        # how many of them a directory fsync is known to cover (it started after them).
+        self._dir_changes = 0
+        self._dir_synced = 0
         self._stats = JournalStats()
         self._replayed = False
         self._nursery: trio.Nursery | None = None  # run()'s: where early uploads run
@@ -656,7 +671,11 @@ class Journal:
             data["header"] = base64.b64encode(record.header_redo).decode("ascii")
         return data
 
-    def _write_sidecar_sync(self, seq: int, data: dict[str, Any]) -> None:
+    def _write_sidecar_sync(self, seq: int, data: dict[str, Any], sync_dir: bool = True) -> None:
+        """Replace a sidecar atomically: write and fsync ``<seq>.json.tmp``, rename it over
+        ``<seq>.json``, then (``sync_dir``) fsync the directory so that the new name is durable.
+        Without ``sync_dir`` the caller must call _sync_dir() before anything reaches the store
+        on the strength of the new sidecar (see _persist)."""
         path = self._sidecar_path(seq)
         tmp = path.with_name(path.name + ".tmp")
         body = json.dumps(data, sort_keys=True).encode("utf-8")
@@ -669,7 +688,8 @@ class Journal:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        self._fsync_dir()
+        if sync_dir:
+            self._fsync_dir()
 
     def _install_sync(self, sealed: Path, path: Path, seq: int, data: dict[str, Any]) -> None:
         """Rename a sealed envelope to ``path`` and write its record's first sidecar durably.
@@ -691,18 +711,43 @@ class Journal:
         finally:
             os.close(fd)
 
-    async def _persist(self, record: _Record, dropping: Iterable[_Op] = ()) -> None:
-        """Write the record's sidecar durably (caller holds the mutex); JournalError."""
+    async def _persist(
+        self, record: _Record, dropping: Iterable[_Op] = (), *, durable: bool = True
+    ) -> None:
+        """Write the record's sidecar (caller holds the mutex); JournalError.
+
+        ``durable=False`` (a rename or set_attrs of a file whose upload has not started, a
+        sidecar tidied after some of its ops finished) leaves out the directory fsync: the new
+        sidecar is complete on disk (its own fsync, then an atomic rename), but after a power
+        loss the directory may still show the previous one -- the state before the rename or
+        attribute change, as a local filesystem may forget a rename that was not fsynced; never
+        less data. Every directory fsync (any commit's, _sync_dir's) makes it durable, and
+        _sync_dir() runs before any upload or delete, so the store never gets ahead of it.
+        """
         if record.removed:
             return
         data = self._sidecar(record, dropping)
+        changes = self._dir_changes
         try:
-            await trio.to_thread.run_sync(self._write_sidecar_sync, record.seq, data)
+            await trio.to_thread.run_sync(self._write_sidecar_sync, record.seq, data, durable)
         except OSError as exc:
             raise JournalError(
                 f"cannot write journal entry {record.seq}: {exc.strerror}", exc.errno
             ) from exc
+        if durable:
+            self._dir_synced = max(self._dir_synced, changes)
+        else:
+            self._dir_changes += 1
         record.disk_put = data["put"] is not None
+
+    async def _sync_dir(self) -> None:
+        """Make every sidecar written with ``durable=False`` so far durable (one directory
+        fsync for all of them; nothing to do when a later fsync covered them already)."""
+        target = self._dir_changes
+        if self._dir_synced >= target:
+            return
+        await trio.to_thread.run_sync(self._fsync_dir)
+        self._dir_synced = max(self._dir_synced, target)
 
     async def _settle(self, record: _Record) -> None:
         """Bring a record's files in line after some of its ops finished: remove them when
@@ -715,11 +760,57 @@ class Journal:
             if record.put is None and not live:
                 record.removed = True
                 self._records.pop(record.seq, None)
-                await trio.to_thread.run_sync(self._remove_record_sync, record)
+                self._release(record)
+                if self._nursery is not None:  # the janitor removes the files, not under the
+                    self._trash.append(record)  # mutex (commits wait for it)
+                    self._trash_added.set()
+                else:
+                    await self._sync_dir()  # no later change may outlive an earlier one
+                    await trio.to_thread.run_sync(self._remove_record_sync, record)
             elif record.put is None and record.disk_put:
-                await self._persist(record)  # a replay must not upload the landed put again
+                # a replay must not upload the landed put again (if it does, the salt check
+                # recognises it: a lazy write is enough)
+                await self._persist(record, durable=False)
         except (OSError, JournalError) as exc:
             log.warning("journal: could not tidy entry %d: %s", record.seq, exc)
+
+    def _release(self, record: _Record) -> None:
+        """Forget the in-memory copy of a record's envelope (its files are going away)."""
+        env = record.env
+        if env is not None and env.data is not None:
+            self._held -= len(env.data)
+            env.data = None
+
+    async def _empty_trash(self) -> None:
+        """Remove the files of the finished records in the trash (one thread hop for all of
+        them, after the directory fsync that makes earlier sidecar changes durable); returns
+        when the trash is empty. A crash before that leaves sidecars whose ops have landed:
+        replay repeats them, and the salt check recognises our uploads."""
+        while self._trash or self._trashing:
+            if self._trashing:
+                await self._trash_done.wait()
+                continue
+            batch, self._trash = self._trash, []
+            self._trashing = True
+            try:
+                await self._sync_dir()
+                await trio.to_thread.run_sync(self._remove_records_sync, batch)
+            except OSError as exc:
+                log.warning("journal: could not tidy %d entries: %s", len(batch), exc)
+            finally:
+                self._trashing = False
+                self._trash_done.set()
+                self._trash_done = trio.Event()
+
+    async def _janitor(self) -> None:
+        while True:
+            await self._trash_added.wait()
+            self._trash_added = trio.Event()
+            await self._empty_trash()
+
+    def _remove_records_sync(self, records: list[_Record]) -> None:
+        for record in records:
+            self._remove_record_sync(record)
 
     def _remove_record_sync(self, record: _Record) -> None:
         _unlink_quietly(self._sidecar_path(record.seq))  # the sidecar first: no orphan record
@@ -852,6 +943,7 @@ class Journal:
                     # The commit point, in one thread hop: the envelope gets its entry's name,
                     # the sidecar is written and fsynced, then the directory.
                     data = self._sidecar(record)
+                    changes = self._dir_changes
                     try:
                         await trio.to_thread.run_sync(self._install_sync, tmp, path, seq, data)
                     except OSError as exc:
@@ -859,6 +951,7 @@ class Journal:
                             f"cannot write the journal for {key}: {exc.strerror}", exc.errno
                         ) from exc
                     record.disk_put = True
+                    self._dir_synced = max(self._dir_synced, changes)
                     tmp = None
                     self._records[seq] = record
                     self._queue(key).append(op)
@@ -959,6 +1052,7 @@ class Journal:
             record.put = op
             sealed, env.path = sink.path, path
             data = self._sidecar(record)
+            changes = self._dir_changes
             try:
                 await trio.to_thread.run_sync(self._install_sync, sealed, path, seq, data)
             except OSError as exc:
@@ -968,6 +1062,7 @@ class Journal:
                     f"cannot write the journal for {key}: {exc.strerror}", exc.errno
                 ) from exc
             sink.installed(path)
+            self._dir_synced = max(self._dir_synced, changes)
             if eager is not None:
                 eager.committed(cipher_size)
                 op.eager = eager
@@ -1003,8 +1098,9 @@ class Journal:
             )
             record.put = op
             data = self._sidecar(record)
+            changes = self._dir_changes
             try:
-                header, cipher_size = await trio.to_thread.run_sync(
+                header, sealed = await trio.to_thread.run_sync(
                     self._commit_small_sync, path, writer, batch, seq, data
                 )
             except OSError as exc:
@@ -1012,7 +1108,11 @@ class Journal:
                     f"cannot write the journal for {key}: {exc.strerror}", exc.errno
                 ) from exc
             parsed = parse_header(header)
-            env.salt, env.cipher_size, env.binding = parsed.salt, cipher_size, parsed.binding
+            env.salt, env.cipher_size, env.binding = parsed.salt, len(sealed), parsed.binding
+            if self._held + len(sealed) <= HELD_BYTES:
+                env.data = sealed
+                self._held += len(sealed)
+            self._dir_synced = max(self._dir_synced, changes)
             record.disk_put = True
             self._records[seq] = record
             self._queue(key).append(op)
@@ -1023,8 +1123,8 @@ class Journal:
 
     def _commit_small_sync(self, path: Path, writer: EnvelopeWriter,
                            batch: list[tuple[bytes, bool]], seq: int, data: dict[str, Any]
-                           ) -> tuple[bytes, int]:
-        header, cipher_size = _seal_small(path, writer, batch)
+                           ) -> tuple[bytes, bytearray]:
+        header, sealed = _seal_small(path, writer, batch)
         try:
             self._write_sidecar_sync(seq, data)  # fsyncs the directory too: both names
         except BaseException:
@@ -1032,7 +1132,7 @@ class Journal:
             for leftover in (sidecar, sidecar.with_name(sidecar.name + ".tmp"), path):
                 _unlink_quietly(leftover)
             raise
-        return header, cipher_size
+        return header, sealed
 
     async def _writer_for(self, key: str, mtime_ns: int, mode: int
                           ) -> tuple[EnvelopeWriter, bool]:
@@ -1079,9 +1179,10 @@ class Journal:
         if count <= SEAL_BATCH_CHUNKS:  # the usual small file: read it all, then one thread hop
             batch = await self._read_batch(key, staged, 0, count)
             try:
-                header, cipher_size = await trio.to_thread.run_sync(
+                header, sealed = await trio.to_thread.run_sync(
                     _seal_small, path, writer, batch, limiter=self._enc.cpu_limiter
                 )
+                cipher_size = len(sealed)
             except OSError as exc:
                 raise JournalError(
                     f"cannot write the journal for {key}: {exc.strerror}", exc.errno
@@ -1269,7 +1370,7 @@ class Journal:
         if delete is not None:
             record.cleanup.append(delete)
         try:
-            await self._persist(record, plan.drop)
+            await self._persist(record, plan.drop, durable=False)
         except BaseException:
             op.key, op.expect, record.put, record.cleanup = saved
             raise
@@ -1327,7 +1428,7 @@ class Journal:
                 saved = (op.mtime_ns, op.mode)
                 op.mtime_ns, op.mode = new_mtime, new_mode
                 try:
-                    await self._persist(record)
+                    await self._persist(record, durable=False)
                 except BaseException:
                     op.mtime_ns, op.mode = saved
                     raise
@@ -1388,6 +1489,7 @@ class Journal:
                     raise o.error
             if o.error is not None:
                 raise o.error
+        await self._empty_trash()
 
     def stats(self) -> JournalStats:
         """A snapshot of the counters."""
@@ -1565,6 +1667,7 @@ class Journal:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._janitor)
                 task_status.started()
                 while True:
                     self._wakeup = trio.Event()
@@ -1646,6 +1749,7 @@ class Journal:
                 return
             op.attempted = True
         try:
+            await self._sync_dir()  # what the upload acts on (a rename, say) is durable first
             result = await self._upload(op)
         except (StoreError, OSError) as exc:
             async with self._mutex:
@@ -1680,11 +1784,15 @@ class Journal:
             log.warning("journal: entry %d keeps its recipients: %s", record.seq, exc)
             new = opened.reseal(binding=binding, mtime_ns=op.mtime_ns, mode=op.mode)
         record.header_redo = new
-        await self._persist(record)  # the redo record first: a torn write is repaired at replay
+        # The redo record first, durably: a torn or lost write of the header is repaired at
+        # replay, so the header itself needs no fsync of its own.
+        await self._persist(record)
         try:
-            await trio.to_thread.run_sync(_write_head, env.path, new)
+            await trio.to_thread.run_sync(_write_head, env.path, new, False)
         except OSError as exc:
             raise JournalError(f"cannot reseal journal entry {record.seq}", exc.errno) from exc
+        if env.data is not None:
+            env.data[:HEADER_SIZE] = new
         env.binding, env.mtime_ns, env.mode = binding, op.mtime_ns, op.mode
         env.unresolved = False  # the next sidecar write drops the flag (a replay before that
         # resolves again: adding recipients already there changes nothing)
@@ -1717,9 +1825,14 @@ class Journal:
                 return adopted
         for _ in range(_MAX_RECHECKS):
             try:
+                # a copy: a store may keep the body it is given, and a reseal changes env.data
+                data = bytes(env.data) if env.data is not None else None
                 if hint is None:
-                    return await self._enc.put_envelope_file(op.key, env.path, if_none_match=True)
-                return await self._enc.put_envelope_file(op.key, env.path, if_match=hint)
+                    return await self._enc.put_envelope_file(
+                        op.key, env.path, if_none_match=True, data=data
+                    )
+                return await self._enc.put_envelope_file(op.key, env.path, if_match=hint,
+                                                         data=data)
             except (PreconditionFailedError, NoSuchObjectError):
                 current, ours = await self._current(op.key, expect)
                 if current is None:
@@ -1845,10 +1958,11 @@ class Journal:
 
     async def _run_delete(self, op: _Op) -> None:
         try:
+            await self._sync_dir()
             current, ours = await self._current(op.key, op.expect)
             if current is not None and ours:
                 await self._enc.delete(op.key)
-        except StoreError as exc:
+        except (StoreError, OSError) as exc:
             async with self._mutex:
                 await self._attempt_failed(op, exc)
             return
@@ -1914,6 +2028,7 @@ class Journal:
                     self._drop(op, error)
         record.removed = True
         self._records.pop(record.seq, None)
+        self._release(record)
         await trio.to_thread.run_sync(
             self._move_broken_sync, self._sidecar_path(record.seq).name, exc
         )
@@ -1980,9 +2095,9 @@ def _seal_batch(
 
 
 def _seal_small(path: Path, writer: EnvelopeWriter, batch: list[tuple[bytes, bool]]
-                ) -> tuple[bytes, int]:
+                ) -> tuple[bytes, bytearray]:
     """A whole envelope file at ``path`` from one batch (all of a file's chunks), fsynced:
-    (its header, its size). On failure the file is removed."""
+    (its header, its bytes). On failure the file is removed."""
     fd = _create_exclusive(path)
     try:
         out = bytearray(HEADER_SIZE)
@@ -1998,7 +2113,7 @@ def _seal_small(path: Path, writer: EnvelopeWriter, batch: list[tuple[bytes, boo
         _unlink_quietly(path)
         raise
     os.close(fd)
-    return header, len(out)
+    return header, out
 
 
 def _finish_envelope(fd: int, header: bytes, table: bytes, offset: int) -> None:
@@ -2013,12 +2128,13 @@ def _read_head(path: Path) -> bytes:
         return f.read(HEADER_SIZE)
 
 
-def _write_head(path: Path, head: bytes) -> None:
+def _write_head(path: Path, head: bytes, sync: bool = True) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
         if os.pwrite(fd, head, 0) != len(head):
             raise OSError(errno.EIO, "short write of an envelope header")
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

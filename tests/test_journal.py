@@ -878,3 +878,43 @@ async def test_random_operations_match_a_model(tmp_path: Path, identity: Identit
         assert await m.read(key) == data, key
     assert m.journal.stats().conflicts == 0
     assert m.files() == []
+
+
+async def test_rename_and_attrs_of_a_queued_file_skip_the_directory_fsync(
+    memmount: Mount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rsync's utimes + rename after close cost no directory fsync each; one directory fsync
+    makes them durable before the upload acts on them (then the renamed file lands)."""
+    m = memmount
+    events: list[str] = []
+    real = Journal._fsync_dir
+
+    def counted(self: Journal) -> None:
+        events.append("fsync-dir")
+        real(self)
+
+    monkeypatch.setattr(Journal, "_fsync_dir", counted)
+    put = m.gated.put
+
+    async def logged_put(key: str, body: Any, **kw: Any) -> Any:
+        events.append(f"put {key}")
+        return await put(key, body, **kw)
+
+    monkeypatch.setattr(m.gated, "put", logged_put)
+    await m.commit("d/.a.txt.Xy12ab", CANARY)
+    assert events == ["fsync-dir"]  # the commit itself is durable at once
+    events.clear()
+    assert await m.journal.set_attrs("d/.a.txt.Xy12ab", mtime_ns=5, mode=0o600)
+    assert await m.journal.rename("d/.a.txt.Xy12ab", "d/a.txt")
+    assert events == []
+    sidecars = [n for n in m.files() if n.endswith(".json")]
+    data = json.loads((m.journal.directory / sidecars[0]).read_bytes())
+    assert (data["put"]["key"], data["put"]["mtime_ns"]) == ("d/a.txt", 5)  # written, not synced
+    async with uploading(m.journal):
+        await m.journal.flush()
+    assert "put d/a.txt" in events
+    assert "fsync-dir" in events[: events.index("put d/a.txt")]
+    assert await m.read("d/a.txt") == CANARY
+    assert await m.keys() == {"d/a.txt"}
+    head = parse_header(await m.gated.inner.get("d/a.txt", 0, HEADER_SIZE))
+    assert (head.mtime_ns, head.mode) == (5, 0o600)
