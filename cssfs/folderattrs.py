@@ -73,6 +73,9 @@ MAX_RECORD_SIZE = 64 * 1024 * 1024
 DEFAULT_DELAY_S = 1.0
 #: Folders whose last record is kept in memory (to merge without reading it again).
 CACHED_FOLDERS = 64
+#: Folders whose records are written at the same time (each write is a HEAD or GET and a PUT:
+#: one folder after another, rsync's tree of 60 folders waited 60 round trips at ``sync``).
+PARALLEL_WRITES = 8
 _MAX_ATTEMPTS = 5
 
 
@@ -198,6 +201,7 @@ class FolderAttrs:
         self._folders: dict[str, _Folder] = {}
         self._wakeup = trio.Event()
         self._distrusted: set[bytes] = set()  # signers we logged a refusal for
+        self._limiter = trio.CapacityLimiter(PARALLEL_WRITES)
         self.reads = 0
         self.writes = 0
 
@@ -296,28 +300,41 @@ class FolderAttrs:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Write folders' notes when they are due, one folder at a time, until cancelled."""
+        """Write folders' notes when they are due (up to PARALLEL_WRITES folders at a time),
+        until cancelled."""
         task_status.started()
         while True:
             self._wakeup = trio.Event()
             now = trio.current_time()
             due = [f for f, s in self._folders.items() if s.notes and not s.writing
                    and s.due <= now]
-            for folder in due:
-                await self._write(folder)
+            if due:
+                async with trio.open_nursery() as nursery:
+                    for folder in due:
+                        nursery.start_soon(self._write_limited, folder)
             waits = [s.due for s in self._folders.values() if s.notes and not s.writing]
             with trio.move_on_at(min(waits, default=now + 3600.0)):
                 await self._wakeup.wait()
 
     async def flush(self) -> None:
-        """Write every folder's notes now (errors are logged: the records are only hints)."""
-        for folder in list(self._folders):
+        """Write every folder's notes now, up to PARALLEL_WRITES folders at a time (errors are
+        logged: the records are only hints)."""
+
+        async def one(folder: str) -> None:
             state = self._folders.get(folder)
             while state is not None and state.writing:
                 await state.written.wait()
                 state = self._folders.get(folder)
             if state is not None and state.notes:
-                await self._write(folder)
+                await self._write_limited(folder)
+
+        async with trio.open_nursery() as nursery:
+            for folder in list(self._folders):
+                nursery.start_soon(one, folder)
+
+    async def _write_limited(self, folder: str) -> None:
+        async with self._limiter:
+            await self._write(folder)
 
     async def _write(self, folder: str) -> None:
         state = self._folders.get(folder)
