@@ -34,6 +34,7 @@ chunk, never plaintext or key bytes.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import fcntl
 import io
 import logging
@@ -91,6 +92,11 @@ SEAL_BATCH_CHUNKS = 32
 #: Most chunks fetched by one coalesced ranged GET (4 MiB: per request the server and botocore
 #: spend milliseconds; 4 MiB GETs read a file cold at 1.5-2x the speed of 1 MiB ones here).
 MAX_COALESCE_CHUNKS = 64
+#: ``header`` of an object up to this size (one chunk: header, chunk, table) fetches it whole
+#: and opens it, in a store with a cache (the mount's ``ls -l``, then ``cp``/``cat``).
+TINY_OBJECT_BYTES = HEADER_SIZE + CHUNK_SIZE + TAG_SIZE + 32
+#: Opened envelopes kept (the mount: enough for a folder's small files listed by ``ls -l``).
+OPEN_CACHE_ENTRIES = 1024
 #: Ciphertext buffers of coalesced GETs kept for reuse (MAX_COALESCE_CHUNKS chunks each, ~4 MiB);
 #: more are allocated while more GETs run at once, and dropped after.
 RUN_BUFFERS_KEPT = 2
@@ -393,17 +399,32 @@ class EncryptedStore:
         foreign objects with ``plain_size=None``, and (with a delimiter) folders."""
         return entries_from_listing(await self.store.list(prefix, delimiter))
 
-    async def header(self, key: str, etag: str | None = None) -> HeaderInfo:
+    async def header(
+        self, key: str, etag: str | None = None, *, cipher_size: int | None = None
+    ) -> HeaderInfo:
         """What the header of ``key`` says, from one ranged GET, cached by (key, etag).
 
         FormatError if the object is not an envelope. Without ``etag`` a HEAD comes first (the
-        cache key must be the version the bytes came from).
+        cache key must be the version the bytes came from). With ``cipher_size`` (a listing's)
+        at most ``TINY_OBJECT_BYTES`` and a cache (the mount), the GET takes the whole object
+        -- one chunk more than the header -- and leaves it opened, its chunk in the cache: a
+        file listed with ``ls -l`` and read right after costs no second request.
         """
         if etag is None:
             etag = (await self.store.head(key)).etag
         cached = self._headers.get((key, etag))
         if cached is not None:
             return cached
+        if (cipher_size is not None and self.cache.enabled
+                and cipher_size <= min(TINY_OBJECT_BYTES, self.whole_object_bytes)):
+            # Not for us, or damaged: the header was read (its facts noted) before that failed.
+            with contextlib.suppress(
+                NoIdentityMatchError, HeaderAuthError, SignatureError, PayloadError
+            ):
+                await self.open(key, etag=etag, cipher_size=cipher_size)
+            cached = self._headers.get((key, etag))
+            if cached is not None:
+                return cached
         data = await self.store.get(key, 0, HEADER_SIZE)
         try:
             info = self._header_info(key, etag, data)[0]

@@ -401,9 +401,11 @@ class Operations(pyfuse3.Operations):
             self._apply(attrs, self._meta[known])
         return attrs
 
-    async def _header_meta(self, key: str, etag: str) -> tuple[int, int] | None:
+    async def _header_meta(self, key: str, etag: str, cipher_size: int | None = None
+                           ) -> tuple[int, int] | None:
         """(mtime_ns, mode) from the header of one stored version (None: not an envelope);
-        one GET per version, shared by concurrent callers."""
+        one GET per version, shared by concurrent callers (a small object's GET takes it whole:
+        see EncryptedStore.header)."""
         k = (key, etag)
         while k not in self._meta:
             flight = self._meta_flights.get(k)
@@ -413,7 +415,7 @@ class Operations(pyfuse3.Operations):
             flight = self._meta_flights[k] = trio.Event()
             try:
                 async with self._header_limiter:
-                    info = await self.encstore.header(key, etag)
+                    info = await self.encstore.header(key, etag, cipher_size=cipher_size)
                 meta: tuple[int, int] | None = (info.mtime_ns, info.mode)
             except FormatError:
                 meta = None
@@ -425,21 +427,21 @@ class Operations(pyfuse3.Operations):
 
     async def _make_exact(self, path: str, attrs: Attrs) -> Attrs:
         if attrs.kind == "file" and not attrs.exact and attrs.etag is not None:
-            self._apply(attrs, await self._header_meta(path, attrs.etag))
+            self._apply(attrs, await self._header_meta(path, attrs.etag, attrs.cipher_size))
         return attrs
 
-    async def _prefetch_headers(self, items: list[tuple[str, str]]) -> None:
+    async def _prefetch_headers(self, items: list[tuple[str, str, int | None]]) -> None:
         """Fetch headers in the background so later stats are exact (errors: debug only)."""
 
-        async def one(key: str, etag: str) -> None:
+        async def one(key: str, etag: str, cipher_size: int | None) -> None:
             try:
-                await self._header_meta(key, etag)
+                await self._header_meta(key, etag, cipher_size)
             except Exception as exc:  # background work: the stat that needs it will report
                 log.debug("header prefetch %s: %s", key, exc)
 
         async with trio.open_nursery() as nursery:
-            for key, etag in items:
-                nursery.start_soon(one, key, etag)
+            for key, etag, cipher_size in items:
+                nursery.start_soon(one, key, etag, cipher_size)
 
     # -- journal events -------------------------------------------------------------------------
 
@@ -685,7 +687,7 @@ class Operations(pyfuse3.Operations):
             children = await self._children(handle.node.path)
             handle.entries = sorted(children.items())
             unknown = [
-                (join(handle.node.path, name), a.etag)
+                (join(handle.node.path, name), a.etag, a.cipher_size)
                 for name, a in handle.entries
                 if a.kind == "file" and not a.exact and a.etag is not None
             ]

@@ -53,7 +53,12 @@ import trio
 
 from cssfs import config, service
 from cssfs.cache import ChunkCache
-from cssfs.encstore import WHOLE_OBJECT_BYTES, EncryptedStore, entries_from_listing
+from cssfs.encstore import (
+    OPEN_CACHE_ENTRIES,
+    WHOLE_OBJECT_BYTES,
+    EncryptedStore,
+    entries_from_listing,
+)
 from cssfs.errors import ConfigError, CssfsError, StoreUnavailableError
 from cssfs.folderattrs import FolderAttrs
 from cssfs.fs import Operations, Reader
@@ -565,7 +570,7 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
                                      ttl=cfg.list_ttl)  # policies are as fresh as listings
         encstore = EncryptedStore(
             store, identity, cfg.recipients, cache=cache, nursery=nursery,
-            whole_object_bytes=WHOLE_OBJECT_BYTES,
+            whole_object_bytes=WHOLE_OBJECT_BYTES, open_cache_entries=OPEN_CACHE_ENTRIES,
             identities=[g.identity for g in sharing.group_identities],
             recipients_for=sharing.resolve_recipients,
         )

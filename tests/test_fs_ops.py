@@ -453,6 +453,32 @@ async def test_reading_a_folder_in_order_opens_the_next_files_ahead(env: FS) -> 
     assert await env.read_file(names[0]) == files[names[0]]
 
 
+async def test_ls_l_then_read_small_files_costs_one_get_each(env: FS) -> None:
+    es = env.ops.encstore
+    es.whole_object_bytes = WHOLE_OBJECT_BYTES
+    await env.mkdir("d")
+    files = {f"d/s{i}": pattern(10 * i + 1, i) for i in range(5)}
+    files["d/big"] = pattern(3 * CS, 9)  # more than one chunk: only its header is read
+    for path, data in files.items():
+        await env.write_file(path, data)
+    await env.journal.flush()
+    # Cold, as after a remount: no listing, no header facts, nothing opened or cached.
+    env.ops.listings.invalidate("d")
+    env.ops._meta.clear()
+    for path in files:
+        es.forget(path)
+    gets = env.store.stats.requests["get"]
+    for path, data in files.items():  # ls -l: the mtime of each comes from its header
+        assert (await env.stat(path)).st_size == len(data)
+    assert env.store.stats.requests["get"] - gets == len(files)
+    gets = env.store.stats.requests["get"]
+    for path in sorted(files):
+        if path != "d/big":
+            assert await env.read_file(path) == files[path]
+    assert env.store.stats.requests["get"] == gets  # opened by ls -l already
+    assert await env.read_file("d/big") == files["d/big"]
+
+
 async def test_mkdir_readdir_rmdir(env: FS) -> None:
     await env.mkdir("d")
     await env.mkdir("d/e")
