@@ -831,7 +831,6 @@ class EncryptedStore:
         after the plaintext; into anything else, in order, through a small pool of plaintext
         buffers.
         """
-        f = await self.open(key, etag=etag, cipher_size=cipher_size)
         update = getattr(progress, "update", None)
         count = 0
 
@@ -843,10 +842,11 @@ class EncryptedStore:
 
         fd = await trio.to_thread.run_sync(_positional_fd, dst)
         if fd is None:
+            f = await self.open(key, etag=etag, cipher_size=cipher_size)
             await self._get_to_stream(f.state, dst, counted)
         else:
             base = await trio.to_thread.run_sync(dst.tell)
-            await self._get_to_fd(f.state, fd, base, counted)
+            f = await self._get_to_fd(key, etag, cipher_size, fd, base, counted)
             await trio.to_thread.run_sync(dst.seek, base + count)
         await trio.to_thread.run_sync(dst.flush)
         if count != f.size:
@@ -854,13 +854,36 @@ class EncryptedStore:
         return f.info
 
     async def _get_to_fd(
-        self, state: _OpenState, fd: int, base: int, counted: Callable[[int], None]
-    ) -> None:
+        self,
+        key: str,
+        etag: str | None,
+        cipher_size: int | None,
+        fd: int,
+        base: int,
+        counted: Callable[[int], None],
+    ) -> EncryptedFile:
         """get_to into a regular file: segments fetched GET_TO_FILE_PARALLEL at a time, each
         decrypted and written at its own offset (``base`` + its plaintext offset) in a worker
-        thread, in whatever order they arrive."""
-        chunks = state.envelope.chunk_count
-        size = state.envelope.header.plain_size
+        thread, in whatever order they arrive; the opened file.
+
+        With the version and size known (``etag``/``cipher_size``), the first segment's GET
+        runs while open fetches and checks the header and the chunk table, so the data starts
+        a round trip sooner; its ciphertext waits in its buffer until the open succeeded, and
+        every chunk is still checked against the table and its tag before it is written. The
+        other segments start after the open, so a file that does not open (not for us, a
+        damaged header) costs at most that one GET."""
+        opened = trio.Event()
+        files: builtins.list[EncryptedFile] = []
+
+        async def open_file() -> None:
+            files.append(await self.open(key, etag=etag, cipher_size=cipher_size))
+            opened.set()
+
+        size = None if etag is None or cipher_size is None else _plain_size_or_none(cipher_size)
+        if size is None:  # open first: it finds the size, or raises why there is none
+            await open_file()
+            size = files[0].size
+        chunks = chunk_count(size)
         step = GET_TO_FILE_SEGMENT_CHUNKS
         limiter = trio.CapacityLimiter(GET_TO_FILE_PARALLEL)
         # Reused buffers: ciphertext of a segment (one per GET in flight) and 1 MiB of plaintext
@@ -870,36 +893,44 @@ class EncryptedStore:
         scratch: builtins.list[bytearray] = []
 
         async def segment(first: int) -> None:
+            assert size is not None
             stop = min(first + step, chunks)
             start = chunk_range(first, size)[0]
             last_off, last_len = chunk_range(stop - 1, size)
             length = last_off + last_len - start
+            if first:
+                await opened.wait()
             async with limiter:  # bounds the ciphertext in memory, not just the GETs
                 data = ciphertexts.pop() if ciphertexts else bytearray(segment_bytes)
                 with memoryview(data) as view, view[:length] as ct:
-                    got = await self.store.get_into(state.key, start, ct)
+                    got = await self.store.get_into(key, start, ct)
+                    await opened.wait()
+                    f = files[0]
                     if got != length:
                         err = TruncatedError(
                             f"chunks {first}-{stop - 1}: short read ({got} bytes)"
                         )
-                        self._warn(state.key, state.etag, str(err))
+                        self._warn(key, f.etag, str(err))
                         raise err
                     buf = scratch.pop() if scratch else bytearray(GET_TO_WRITE_CHUNKS * CHUNK_SIZE)
                     try:
                         n = await trio.to_thread.run_sync(
-                            _open_run_to_fd, state.envelope, first, stop, ct, start, buf, fd,
+                            _open_run_to_fd, f.state.envelope, first, stop, ct, start, buf, fd,
                             base, limiter=self.cpu_limiter,
                         )
                     except PayloadError as exc:
-                        self._warn(state.key, state.etag, str(exc))
+                        self._warn(key, f.etag, str(exc))
                         raise
                 scratch.append(buf)
                 ciphertexts.append(data)
             counted(n)
 
         async with _nursery() as nursery:
+            if not opened.is_set():
+                nursery.start_soon(open_file)
             for first in range(0, chunks, step):
                 nursery.start_soon(segment, first)
+        return files[0]
 
     async def _get_to_stream(
         self, state: _OpenState, dst: BinaryIO, counted: Callable[[int], None]

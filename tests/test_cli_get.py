@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cssfs.cli import ExitCode
+from cssfs.errors import NoIdentityMatchError
 from tests.support.clirun import Run, ok, private_home, runner
 
 # -- group keys are loaded only when needed ----------------------------------------------------
@@ -203,3 +204,124 @@ async def test_get_into_retries_a_body_cut_short(range_server: _RangeServer) -> 
         await store.aclose()
     assert n == len(buf) and buf == range_server.data[1000 : 1000 + n]
     assert range_server.requests == 3 and store.stats.retries == 2
+
+
+# -- get_to with the version known: the first GET overlaps the open -----------------------------
+
+
+@pytest.fixture
+def small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cssfs import encstore
+
+    monkeypatch.setattr(encstore, "GET_TO_FILE_SEGMENT_CHUNKS", 3)
+    monkeypatch.setattr(encstore, "GET_TO_WRITE_CHUNKS", 2)
+
+
+@pytest.mark.usefixtures("small_segments")
+@pytest.mark.parametrize("chunks", [0, 1, 3, 10])
+async def test_get_to_with_the_version_known(store: object, tmp_path: Path, chunks: int) -> None:
+    from cssfs.cache import ChunkCache
+    from cssfs.encstore import EncryptedStore
+    from cssfs.envelope import CHUNK_SIZE
+    from cssfs.keys import Identity
+    from cssfs.store.base import ObjectStore
+    from tests.test_encstore import pattern
+
+    assert isinstance(store, ObjectStore)
+    es = EncryptedStore(store, Identity.generate(), cache=ChunkCache(0))
+    data = pattern(chunks * CHUNK_SIZE + 77 * (chunks > 0), chunks)
+    await es.put("f", data)
+    obj = await store.head("f")
+    path = tmp_path / "out"
+    with open(path, "w+b") as f:  # noqa: ASYNC230 -- a local file, as cssfs get uses
+        info = await es.get_to("f", f, etag=obj.etag, cipher_size=obj.size)
+    assert info.plain_size == len(data)
+    assert path.read_bytes() == data
+
+
+class _Watched:
+    """A MemoryStore whose header GETs take a moment, recording when each call starts/ends."""
+
+    def __init__(self) -> None:
+        from cssfs.store.memory import MemoryStore
+
+        self.inner = MemoryStore("")
+        self.events: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def get(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        import trio
+
+        self.events.append(f"get {start} start")
+        await trio.sleep(0.05)  # a slow round trip
+        data = await self.inner.get(key, start, end)
+        self.events.append(f"get {start} end")
+        return data
+
+    async def get_into(self, key: str, start: int, buf: memoryview) -> int:
+        self.events.append(f"get_into {start}")
+        return await self.inner.get_into(key, start, buf)
+
+
+@pytest.mark.usefixtures("small_segments")
+async def test_get_to_fetches_the_first_segment_during_the_open(tmp_path: Path) -> None:
+    from cssfs.cache import ChunkCache
+    from cssfs.encstore import EncryptedStore
+    from cssfs.envelope import CHUNK_SIZE, HEADER_SIZE
+    from cssfs.keys import Identity
+    from tests.test_encstore import pattern
+
+    store = _Watched()
+    me = Identity.generate()
+    es = EncryptedStore(store, me, cache=ChunkCache(0))  # type: ignore[arg-type]
+    data = pattern(10 * CHUNK_SIZE + 5, 1)
+    await es.put("f", data)
+    obj = await store.inner.head("f")
+    with open(tmp_path / "out", "w+b") as f:  # noqa: ASYNC230
+        await es.get_to("f", f, etag=obj.etag, cipher_size=obj.size)
+    assert (tmp_path / "out").read_bytes() == data
+    events = store.events
+    first = events.index(f"get_into {HEADER_SIZE}")
+    assert first < events.index("get 0 end")  # the data GET began before the header arrived
+    later = [i for i, e in enumerate(events) if e.startswith("get_into") and i != first]
+    assert later and min(later) > events.index("get 0 end")  # the others after the open
+
+    # A file that is not for us: the open fails, and only that one data GET was made.
+    other = EncryptedStore(store, Identity.generate(), cache=ChunkCache(0))  # type: ignore[arg-type]
+    store.events.clear()
+    with open(tmp_path / "out2", "w+b") as f, pytest.raises(NoIdentityMatchError):  # noqa: ASYNC230
+        await other.get_to("f", f, etag=obj.etag, cipher_size=obj.size)
+    assert [e for e in store.events if e.startswith("get_into")] == [f"get_into {HEADER_SIZE}"]
+    assert (tmp_path / "out2").read_bytes() == b""
+
+
+@pytest.mark.expect_logs(r"^object \S+: ")
+@pytest.mark.usefixtures("small_segments")
+async def test_get_to_with_the_version_known_writes_only_verified_chunks(
+    tmp_path: Path,
+) -> None:
+    from cssfs.cache import ChunkCache
+    from cssfs.encstore import EncryptedStore
+    from cssfs.envelope import CHUNK_SIZE, chunk_range
+    from cssfs.errors import ChunkAuthError
+    from cssfs.keys import Identity
+    from cssfs.store.memory import MemoryStore
+    from tests.test_encstore import pattern
+
+    store = MemoryStore("")
+    es = EncryptedStore(store, Identity.generate(), cache=ChunkCache(0))
+    size = 10 * CHUNK_SIZE + 77
+    data = pattern(size, 4)
+    await es.put("f", data)
+    blob = bytearray(await store.get("f"))
+    off, length = chunk_range(1, size)  # in the first segment, fetched during the open
+    blob[off + length // 2] ^= 1
+    info = await store.put("f", bytes(blob))
+    path = tmp_path / "out"
+    with open(path, "w+b") as f, pytest.raises(ChunkAuthError) as err:  # noqa: ASYNC230
+        await es.get_to("f", f, etag=info.etag, cipher_size=info.size)
+    assert err.value.index == 1
+    got = path.read_bytes()
+    assert got[CHUNK_SIZE : 2 * CHUNK_SIZE].strip(b"\0") == b""
