@@ -43,6 +43,8 @@ store calls themselves run outside it):
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import errno
 import json
 import logging
@@ -2086,12 +2088,40 @@ def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
 def _seal_batch(
     writer: EnvelopeWriter, batch: list[tuple[bytes, bool]], fd: int, offset: int
 ) -> int:
-    """Seal a batch of chunks and write the ciphertext at ``offset``; its length."""
+    """Seal a batch of chunks and write the ciphertext at ``offset``; its length. The kernel
+    starts writing it to disk at once (_start_writeback), so the fsync at commit finds most of
+    a large file on disk already instead of writing all of it while close() waits."""
     out = bytearray()
     for data, last in batch:
         out += writer.seal_chunk(data, last=last)
     _pwrite_all(fd, out, offset)
+    _start_writeback(fd, offset, len(out))
     return len(out)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writing dirty pages, do not wait
+_sync_file_range: Any = None
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + length)`` of ``fd`` to disk, without
+    waiting (Linux sync_file_range; best effort, nothing elsewhere). Durability still comes
+    from the fsync: this only moves the writing earlier."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = False
+        name = ctypes.util.find_library("c")
+        if name is not None:
+            try:
+                fn = ctypes.CDLL(name, use_errno=True).sync_file_range
+            except (OSError, AttributeError):
+                pass
+            else:
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _sync_file_range = fn
+    if _sync_file_range:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _seal_small(path: Path, writer: EnvelopeWriter, batch: list[tuple[bytes, bool]]
