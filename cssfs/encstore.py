@@ -464,11 +464,6 @@ class EncryptedStore:
         self, key: str, etag: str, data: bytes
     ) -> tuple[HeaderInfo, OpenedEnvelope | None]:
         header = parse_header(data)
-        try:
-            verify_signature(header)
-            signature: Literal["valid", "invalid"] = "valid"
-        except SignatureError:
-            signature = "invalid"
         opened: OpenedEnvelope | None = None
         problem: str | None = None
         not_for_us = False
@@ -478,6 +473,14 @@ class EncryptedStore:
             problem, not_for_us = str(exc), True
         except (HeaderAuthError, SignatureError) as exc:
             problem = str(exc)
+        # An opened header had its signature verified by open_header (one Ed25519 check per
+        # open, not two); otherwise check it here: anyone can, key or no key.
+        signature: Literal["valid", "invalid"] = "valid"
+        if opened is None:
+            try:
+                verify_signature(header)
+            except SignatureError:
+                signature = "invalid"
         info = HeaderInfo(
             key=key,
             etag=etag,
