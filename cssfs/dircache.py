@@ -104,6 +104,27 @@ class DirCache(Generic[E]):
             if folder.entries is not None and folder.loading is None:
                 # The load we waited for succeeded; use it even if ttl is 0.
                 return folder.entries
+        return await self._load(folder, loader)
+
+    def due(self, path: str, fraction: float) -> bool:
+        """Whether the listing of ``path`` is fresh but at least ``fraction`` of the ttl old,
+        with no load running: worth loading again ahead of its expiry (``refresh``)."""
+        folder = self._folders.get(path)
+        return (folder is not None and folder.loading is None and self._fresh(folder)
+                and self._clock() - folder.started >= self.ttl * fraction)
+
+    async def refresh(self, path: str, loader: Callable[[], Awaitable[dict[str, E]]]) -> None:
+        """Load the listing of ``path`` again although it is still fresh (refresh-ahead: a
+        folder in active use never makes its lookups wait for a LIST). Callers keep getting
+        the current listing meanwhile; nothing happens if a load already runs or the listing
+        expired (then the next ``get`` loads it)."""
+        folder = self._folders.get(path)
+        if folder is None or folder.loading is not None or not self._fresh(folder):
+            return
+        await self._load(folder, loader)
+
+    async def _load(self, folder: _Folder[E], loader: Callable[[], Awaitable[dict[str, E]]]
+                    ) -> dict[str, E]:
         folder.loading = trio.Event()
         folder.error = None
         started = self._clock()

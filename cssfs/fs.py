@@ -96,6 +96,10 @@ STRICT_ENV = "CSSFS_STRICT"
 #: fetched whole, in parallel (EncryptedStore.prefetch_open).
 FOLDER_READAHEAD_FILES = 8
 FOLDER_SCANS = 64  # folders whose reading order is followed
+#: A folder being read in listing order has its listing loaded again once it is this fraction
+#: of the listing TTL old (in the background, refresh-ahead): the scan's lookups never wait for
+#: a LIST when the TTL runs out (a 500-file read-back otherwise waited for several).
+LISTING_REFRESH_AHEAD = 0.75
 INTERNAL_PREFIX = ".cssfs-"  # cssfs.policy's names for its own objects; hidden, not creatable
 
 Kind = Literal["file", "dir", "foreign"]
@@ -859,6 +863,8 @@ class Operations(pyfuse3.Operations):
             scan.ahead_until = i + 1
             return
         scan.run += 1
+        if self.nursery is not None and self.listings.due(parent, LISTING_REFRESH_AHEAD):
+            self.nursery.start_soon(self._refresh_listing, parent)
         stop = min(i + 1 + FOLDER_READAHEAD_FILES, len(scan.names))
         for j in range(max(scan.ahead_until, i + 1), stop):
             attrs = listing.get(scan.names[j])
@@ -869,6 +875,14 @@ class Operations(pyfuse3.Operations):
             if self._local(key) is None and not self.journal.is_hidden(key):
                 self.encstore.prefetch_open(key, attrs.etag, attrs.cipher_size)
         scan.ahead_until = max(scan.ahead_until, stop)
+
+    async def _refresh_listing(self, path: str) -> None:
+        """Load a listing again before it expires (a hint: errors only at DEBUG; the lookup
+        that needs the listing once it expired meets them)."""
+        try:
+            await self.listings.refresh(path, lambda: self._load(path))
+        except Exception as exc:
+            log.debug("listing of %s ahead of its expiry: %s", path or "/", exc)
 
     async def _stage(self, node: Node, attrs: Attrs, *, truncate: bool = False) -> FileState:
         """Make sure ``node`` has staged contents: copy-on-write over what is there now, or
