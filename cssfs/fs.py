@@ -733,16 +733,11 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         path = self._path(parent_inode, name)
         async with self._ns_lock:
-            checked = time.monotonic()  # the listing cache's clock
             if await self._attrs(path, exact=False) is not None:
                 raise FUSEError(errno.EEXIST)
             await self.encstore.store.put(_marker(path), b"")
             attrs = self._dir_attrs()
             self._note(path, attrs)
-            # Nothing was under it as far as the parent's listing knew: the new folder's own
-            # listing starts empty instead of costing a LIST at the first lookup in it (rsync,
-            # mkdir -p, cp -r create a folder and at once look up names in it).
-            self.listings.prime(path, {}, checked)
             node = self.inodes.lookup(path, True)
         return self._entry(node, attrs)
 
