@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -78,8 +79,10 @@ class _RangeServer:
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
         self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def _accept(self) -> None:
         while not self._stop:
@@ -88,6 +91,7 @@ class _RangeServer:
             except OSError:
                 return
             self.connections += 1
+            self._conns.append(conn)
             t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             t.start()
             self._threads.append(t)
@@ -120,8 +124,17 @@ class _RangeServer:
                 conn.sendall(body)
 
     def close(self) -> None:
+        """Stop accepting and end every connection: a keep-alive connection left open would
+        serve whatever later test reuses a pooled connection to this port."""
         self._stop = True
+        self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        self._acceptor.join(timeout=10)
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for t in self._threads:
+            t.join(timeout=10)
 
 
 @pytest.fixture
