@@ -44,7 +44,9 @@ def notify(message: str, *, env: dict[str, str] | None = None) -> bool:
     """Send ``message`` (e.g. ``"READY=1"``) to the service manager; False if there is none.
 
     Failures to deliver are logged at debug level and reported as False: a service manager that
-    went away must not take the mount down with it.
+    went away must not take the mount down with it. The send never blocks (the caller may be
+    the mount's trio thread): a receiver whose queue is full, one that never reads, makes this
+    message lost, not the mount stuck.
     """
     path = (os.environ if env is None else env).get(NOTIFY_ENV)
     if not path:
@@ -52,7 +54,7 @@ def notify(message: str, *, env: dict[str, str] | None = None) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(socket_address(path))
-            sock.sendall(message.encode("utf-8", "replace"))
+            sock.send(message.encode("utf-8", "replace"), socket.MSG_DONTWAIT)
     except OSError as exc:
         log.debug("sd_notify to %s failed: %s", path, exc)
         return False

@@ -974,3 +974,19 @@ def test_sd_notify_plain_and_abstract_sockets(tmp_path: Path) -> None:
     assert service.watchdog_interval({"WATCHDOG_USEC": "4000000"}) == 2.0
     assert service.watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}) is None
     assert service.watchdog_interval({}) is None
+
+
+@pytest.mark.timeout(20)
+def test_sd_notify_never_blocks_on_a_receiver_that_does_not_read(tmp_path: Path) -> None:
+    """The mount's trio thread sends these: a full queue must cost a message, not a hang."""
+    import socket
+
+    from cssfs import service
+
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(os.fspath(path))
+        env = {"NOTIFY_SOCKET": os.fspath(path)}
+        sent = [service.notify(f"STATUS={i}", env=env) for i in range(5000)]
+        assert sent[0] and not all(sent)  # the queue filled up, and nothing blocked
+        assert sock.recv(100) == b"STATUS=0"
