@@ -38,6 +38,10 @@ import pytest
 
 from cssfs.store.base import MIN_PART_SIZE, ObjectStore
 
+# The CLI tests' fixtures ``env`` (a private HOME) and ``run`` (cssfs in-process); a module
+# that defines its own ``env`` or ``run`` fixture overrides them.
+pytest_plugins = ["tests.support.clirun"]
+
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

@@ -12,7 +12,6 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,21 +21,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from cssfs import cli, envelope
 from cssfs.cli import ExitCode
-from tests.support.clirun import Result, Run, ok, private_home, runner
+from tests.support.clirun import Result, Run, ok
 
 CANARY = b"CANARY-plaintext-7f3a9c: the quick brown fox\n"
 PASSPHRASE = "pass-CANARY-5d1e"
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    yield private_home(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> Run:
-    return runner(capsys)
 
 
 def fails(result: Result, code: ExitCode, *fragments: str) -> Result:

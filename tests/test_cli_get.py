@@ -21,19 +21,9 @@ import pytest
 
 from cssfs.cli import ExitCode
 from cssfs.errors import NoIdentityMatchError
-from tests.support.clirun import Run, ok, private_home, runner
+from tests.support.clirun import Run, ok
 
 # -- group keys are loaded only when needed ----------------------------------------------------
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    yield private_home(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> Run:
-    return runner(capsys)
 
 
 def test_get_and_cat_through_a_group_key(env: Path, run: Run) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,19 +19,9 @@ from cssfs.cli import ExitCode
 from cssfs.cmd_store import Location, Upload, parse_location, plan_uploads
 from cssfs.envelope import CHUNK_SIZE, chunk_range
 from cssfs.progress import Progress
-from tests.support.clirun import Result, Run, ok, private_home, runner
+from tests.support.clirun import Result, Run, ok
 
 CANARY = b"CANARY-cmdstore-5e21: never in a log or an error\n"
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    yield private_home(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> Run:
-    return runner(capsys)
 
 
 def fails(result: Result, code: ExitCode) -> Result:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,3 +55,15 @@ def ok(result: Result) -> Result:
     """The command succeeded and printed nothing on stderr."""
     assert (result.code, result.err) == (0, ""), result
     return result
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """A private HOME (private_home) for the test; the working directory is inside it."""
+    yield private_home(monkeypatch, tmp_path)
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Run:
+    """``run(*argv)``: cssfs in-process (runner)."""
+    return runner(capsys)
