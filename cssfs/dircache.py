@@ -136,14 +136,7 @@ class DirCache(Generic[E]):
             folder.loading.set()
             folder.loading = None
             raise
-        folder.edits = {n: e for n, e in folder.edits.items() if e[0] >= started}
-        for name, (_, entry) in folder.edits.items():
-            if entry is None:
-                entries.pop(name, None)
-            else:
-                entries[name] = entry
-        folder.entries = entries
-        folder.started = started
+        self._install(folder, entries, started)
         folder.loading.set()
         folder.loading = None
         return entries
@@ -154,6 +147,12 @@ class DirCache(Generic[E]):
         folder = self._folder(path)
         if folder.loading is not None or (self._fresh(folder) and folder.started >= started):
             return
+        self._install(folder, entries, started)
+
+    @staticmethod
+    def _install(folder: _Folder[E], entries: dict[str, E], started: float) -> None:
+        """Keep ``entries`` (a LIST begun at ``started``) as the folder's listing, with our own
+        edits made since that LIST began laid over it; older edits are in it already."""
         folder.edits = {n: e for n, e in folder.edits.items() if e[0] >= started}
         for name, (_, entry) in folder.edits.items():
             if entry is None:
