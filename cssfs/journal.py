@@ -845,6 +845,21 @@ class Journal:
             return last
         return None
 
+    def _new_put(
+        self, seq: int, key: str, env: _Envelope, base_etag: str | None
+    ) -> tuple[_Record, _Op, _Plan]:
+        """The record ``seq`` of a closed file: its put of ``env`` at ``key``, over the version
+        ``base_etag`` the file was opened from (None: a new file), and the plan that fits it
+        into the key's queue (caller holds the mutex; changes nothing yet)."""
+        plan = self._plan(key, _Expect({base_etag} if base_etag else set(), set(), base_etag))
+        record = _Record(seq, env)
+        op = _Op(
+            "put", key, plan.expect, record, env=env, mtime_ns=env.mtime_ns, mode=env.mode,
+            ready_at=trio.current_time() + self.settle_s,
+        )
+        record.put = op
+        return record, op, plan
+
     def _plan(self, key: str, base: _Expect) -> _Plan:
         """How a new op can replace whatever ``key`` will hold (changes nothing).
 
@@ -933,14 +948,7 @@ class Journal:
                 async with self._mutex:
                     seq = self._take_seq()
                     path = self._env_path(seq)
-                    base = _Expect({base_etag} if base_etag else set(), set(), base_etag)
-                    plan = self._plan(key, base)
-                    record = _Record(seq, env)
-                    op = _Op(
-                        "put", key, plan.expect, record, env=env, mtime_ns=env.mtime_ns,
-                        mode=env.mode, ready_at=trio.current_time() + self.settle_s,
-                    )
-                    record.put = op
+                    record, op, plan = self._new_put(seq, key, env, base_etag)
                     env.path = path
                     # The commit point, in one thread hop: the envelope gets its entry's name,
                     # the sidecar is written and fsynced, then the directory.
@@ -1044,14 +1052,7 @@ class Journal:
         async with self._mutex:
             seq = self._take_seq()
             path = self._env_path(seq)
-            base = _Expect({base_etag} if base_etag else set(), set(), base_etag)
-            plan = self._plan(key, base)
-            record = _Record(seq, env)
-            op = _Op(
-                "put", key, plan.expect, record, env=env, mtime_ns=env.mtime_ns, mode=env.mode,
-                ready_at=trio.current_time() + self.settle_s,
-            )
-            record.put = op
+            record, op, plan = self._new_put(seq, key, env, base_etag)
             sealed, env.path = sink.path, path
             data = self._sidecar(record)
             changes = self._dir_changes
@@ -1091,14 +1092,7 @@ class Journal:
             seq = self._take_seq()
             path = self._env_path(seq)
             env = _Envelope(path, b"", size, 0, b"", mtime_ns, mode & 0o7777, unresolved)
-            base = _Expect({base_etag} if base_etag else set(), set(), base_etag)
-            plan = self._plan(key, base)
-            record = _Record(seq, env)
-            op = _Op(
-                "put", key, plan.expect, record, env=env, mtime_ns=env.mtime_ns, mode=env.mode,
-                ready_at=trio.current_time() + self.settle_s,
-            )
-            record.put = op
+            record, op, plan = self._new_put(seq, key, env, base_etag)
             data = self._sidecar(record)
             changes = self._dir_changes
             try:
