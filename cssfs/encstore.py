@@ -286,17 +286,11 @@ class _Sealer:
         """Ciphertext of the batch read last (the last batch sets ``done``), as a view of a
         buffer the next call overwrites."""
         n = self._have if self._eof else self._batch
-        count = max(1, -(-n // CHUNK_SIZE))
+        pos = n + TAG_SIZE * chunk_count(n)
         with memoryview(self._plain) as src, memoryview(self._out) as dst:
-            pos = 0
-            for i in range(count):
-                length = min(CHUNK_SIZE, n - i * CHUNK_SIZE)
-                with src[i * CHUNK_SIZE : i * CHUNK_SIZE + length] as piece, dst[
-                    pos : pos + length + TAG_SIZE
-                ] as sealed:
-                    last = self._eof and i == count - 1
-                    self._writer.seal_chunk_into(piece, sealed, last=last)
-                pos += length + TAG_SIZE
+            span = self._writer.seal_span(src[:n], dst[:pos], last=self._eof)
+            self._writer.record_span(span, span.run())
+            del span  # its views of the buffers, before the views themselves are released
         self.plain_bytes += n
         if self._eof:
             self._have = 0

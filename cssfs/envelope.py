@@ -419,7 +419,7 @@ class EnvelopeWriter:
         span may end with a short chunk; an empty span is the empty last chunk of a 0-byte file.
         """
         length = len(plaintext)
-        count = max(1, -(-length // CHUNK_SIZE))
+        count = chunk_count(length)
         if self._done or self._spans_done:
             raise ValueError("envelope: internal error: chunk sealed after the last chunk")
         if not last and length % CHUNK_SIZE:
@@ -482,7 +482,7 @@ class SealSpan:
         self.plaintext = plaintext
         self.out = out
         self.last = last
-        self.count = max(1, -(-len(plaintext) // CHUNK_SIZE))
+        self.count = chunk_count(len(plaintext))
 
     def run(self) -> list[bytes]:
         """Seal every chunk of the span into ``out``; their SHA-256 hashes, in order."""

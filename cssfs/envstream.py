@@ -40,6 +40,7 @@ from cssfs.envelope import (
     OpenSpan,
     SealSpan,
     check_envelope_size,
+    chunk_count,
     chunk_range,
     open_header,
     read_full,
@@ -202,8 +203,7 @@ def _seal_spans(src: BinaryIO, body: BinaryIO, writer: EnvelopeWriter, pipe: _Pi
         # One span of read-ahead: a full span is the last only if nothing follows it.
         next_n = read_full(src, next_plain) if n == SPAN_BYTES else 0
         last = next_n == 0
-        chunks = max(1, -(-n // CHUNK_SIZE))
-        out = sealed[: n + TAG_SIZE * chunks]
+        out = sealed[: n + TAG_SIZE * chunk_count(n)]
         span = writer.seal_span(plain[:n], out, last=last)
 
         def done(hashes: Hashes, span: SealSpan = span, out: memoryview = out) -> None:
