@@ -98,8 +98,19 @@ class InodeTable:
         return self._by_path.get(path)
 
     def below(self, folder: str) -> list[Node]:
-        """Attached nodes strictly inside ``folder`` (any depth). O(nodes): for renames."""
-        return [n for p, n in self._by_path.items() if is_below(p, folder)]
+        """Attached nodes strictly inside ``folder`` (any depth).
+
+        O(folders with attached children), not O(nodes): every rename and unlink asks this of
+        its target, which is usually a plain file with nothing below it. The folders are taken
+        from ``_children``'s keys rather than walked from ``folder`` down, so a node whose
+        parent folder has no node of its own is still found.
+        """
+        return [
+            node
+            for parent, kids in self._children.items()
+            if parent == folder or is_below(parent, folder)
+            for node in kids.values()
+        ]
 
     def children(self, folder: str) -> list[Node]:
         """Attached nodes directly inside ``folder``."""
@@ -172,7 +183,7 @@ class InodeTable:
         node = self._unattach(path)
         victims = [node] if node is not None else []
         if node is None or node.is_dir:
-            below = [p for p in self._by_path if is_below(p, path)]
+            below = [n.path for n in self.below(path)]
             victims += [n for n in map(self._unattach, below) if n is not None]
         for victim in victims:
             victim.detached = True
@@ -190,7 +201,7 @@ class InodeTable:
         node = self._by_path.get(old)
         paths = [old] if node is not None else []
         if node is None or node.is_dir:
-            paths += [p for p in self._by_path if is_below(p, old)]
+            paths += [n.path for n in self.below(old)]
         moving = [n for n in map(self._unattach, paths) if n is not None]
         for n in moving:
             n.path = new + n.path[len(old) :]

@@ -909,6 +909,29 @@ def test_inode_table_counts_and_moves() -> None:
     assert table.lookup("e/g", False).inode != g.inode  # numbers are never reused
 
 
+def test_inode_table_below_finds_every_depth_and_only_below() -> None:
+    """``below`` walks folders, not every node: it must still find nodes at any depth, nodes
+    whose parent folder has no node of its own, and nothing in a sibling sharing a prefix."""
+    from cssfs.inodes import InodeTable
+
+    table = InodeTable()
+    d = table.lookup("d", True)
+    deep = table.lookup("d/x/y/z", False)  # "d/x" and "d/x/y" were never looked up
+    f = table.lookup("d/f", False)
+    sibling = table.lookup("d2/f", False)
+    assert {n.path for n in table.below("d")} == {"d/x/y/z", "d/f"}
+    assert {n.path for n in table.below("")} == {"d", "d/x/y/z", "d/f", "d2/f"}
+    assert table.below("d/f") == [] and table.below("nothing") == []
+    table.move("d", "e")
+    assert (d.path, deep.path, f.path, sibling.path) == ("e", "e/x/y/z", "e/f", "d2/f")
+    assert table.at("e/x/y/z") is deep and table.at("d/x/y/z") is None
+    table.move("d2/f", "e/x")  # a file renamed over a path with nodes below it
+    assert table.at("e/x") is sibling and deep.detached and table.below("e/x") == []
+    table.detach("e")
+    assert d.detached and f.detached and sibling.detached
+    assert table.below("") == [] and table.at("e/x") is None
+
+
 async def test_dircache_single_flight_ttl_and_edits() -> None:
     from cssfs.dircache import DirCache
 
