@@ -360,6 +360,7 @@ class EnvelopeWriter:
         self._mtime_ns = mtime_ns
         self._mode = mode
         file_key = rng(FILE_KEY_SIZE)
+        self._file_key = file_key
         self._salt = rng(SALT_SIZE)
         self._keys = derive_file_keys(file_key, self._salt)
         self._stanzas = tuple(_stanza_for(file_key, r, rng) for r in everyone.values())
@@ -440,6 +441,27 @@ class EnvelopeWriter:
         self._hashes.extend(hashes)
         self._plain_size += len(span.plaintext)
         self._done = span.last
+
+    def opened(self, header: bytes) -> OpenedEnvelope:
+        """The envelope this writer sealed, as :func:`open_header` gives it to a recipient:
+        ``header`` is what :meth:`finish` returned (or a reseal of it). The writer holds the
+        file key, so nothing is unwrapped and its own signature is not checked again; the
+        header must still belong to this writer's payload (same commitment and chunk table)
+        and carry a MAC made with its key, or ValueError: a mix-up in the caller, not bad input.
+        """
+        if not self._done:
+            raise ValueError("envelope: internal error: opened() before the last chunk")
+        parsed = parse_header(header)
+        table = b"".join(self._hashes)
+        if (
+            parsed.commitment != self._keys.commitment
+            or parsed.table_hash != sha256(table)
+            or not hmac_sha256_verify(self._keys.mac_key, parsed.mac_input(), parsed.mac)
+        ):
+            raise ValueError("envelope: internal error: header of another envelope")
+        opened = OpenedEnvelope(parsed, self._file_key, self._keys)
+        opened.load_table(table)
+        return opened
 
     def open_sealed(self, index: int, ciphertext: Buffer) -> bytes:
         """The plaintext of chunk ``index`` (not the last) that this writer sealed earlier:
@@ -652,6 +674,22 @@ class OpenedEnvelope:
         if expected is not None and len(expected) != HASH_SIZE * len(lengths):
             raise ValueError("envelope: internal error: span table entries of the wrong size")
         return OpenSpan(self._keys.payload_key, first, count, lengths, ciphertext, out, expected)
+
+    def after_reseal(self, header: bytes) -> OpenedEnvelope:
+        """This envelope under ``header``, a header :meth:`reseal` returned: the same file key
+        and chunk table, the new stanzas, binding, mtime and mode. ValueError if ``header``
+        is not a reseal of this envelope (another commitment, table or MAC key)."""
+        parsed = parse_header(header)
+        h = self.header
+        if (
+            (parsed.commitment, parsed.table_hash, parsed.writer, parsed.signature)
+            != (h.commitment, h.table_hash, h.writer, h.signature)
+            or not hmac_sha256_verify(self._keys.mac_key, parsed.mac_input(), parsed.mac)
+        ):
+            raise ValueError("envelope: internal error: not a reseal of this envelope")
+        opened = OpenedEnvelope(parsed, self.file_key, self._keys)
+        opened._table = self._table
+        return opened
 
     def reseal(
         self,

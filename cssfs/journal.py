@@ -246,6 +246,10 @@ class _Envelope:
     # A copy of the file's bytes (ciphertext), kept for a small envelope so that its upload
     # does not read the file back; the header is rewritten in both (see HELD_BYTES).
     data: bytearray | None = field(default=None, repr=False)
+    # The header as we sealed or last resealed it, opened, with its chunk table (the file key:
+    # memory only), so a reseal or a read of a file we just wrote skips the unwrap and the
+    # signature check. None after a replay: the first reader opens it from disk, as anyone would.
+    opened: OpenedEnvelope | None = field(default=None, repr=False)
 
 
 @dataclass(eq=False)
@@ -480,10 +484,10 @@ class PendingFile:
     """
 
     def __init__(
-        self, key: str, f: BinaryIO, opened: OpenedEnvelope, mtime_ns: int, mode: int
+        self, key: str, f: BinaryIO | bytearray, opened: OpenedEnvelope, mtime_ns: int, mode: int
     ) -> None:
         self.key = key
-        self._f = f
+        self._f = f  # the envelope file, or the journal's copy of a small one (HELD_BYTES)
         self._opened = opened
         self.mtime_ns = mtime_ns  # what the upload will say (set_attrs may be ahead of the file)
         self.mode = mode
@@ -501,8 +505,11 @@ class PendingFile:
         size = self.size
         first_off, _ = chunk_range(indexes.start, size)
         last_off, last_len = chunk_range(indexes.stop - 1, size)
-        blob = os.pread(self._f.fileno(), last_off + last_len - first_off, first_off)
-        view = memoryview(blob)
+        if isinstance(self._f, bytearray):  # only the header of a held copy ever changes
+            view = memoryview(self._f)[first_off : last_off + last_len]
+        else:
+            view = memoryview(os.pread(self._f.fileno(), last_off + last_len - first_off,
+                                       first_off))
         out = []
         for i in indexes:
             off, length = chunk_range(i, size)
@@ -525,7 +532,8 @@ class PendingFile:
         return b"".join(chunks)[offset - first : end - first]
 
     def close(self) -> None:
-        self._f.close()
+        if not isinstance(self._f, bytearray):
+            self._f.close()
 
     async def aclose(self) -> None:
         self.close()
@@ -714,7 +722,8 @@ class Journal:
             os.close(fd)
 
     async def _persist(
-        self, record: _Record, dropping: Iterable[_Op] = (), *, durable: bool = True
+        self, record: _Record, dropping: Iterable[_Op] = (), *, durable: bool = True,
+        then: Callable[[], None] | None = None,
     ) -> None:
         """Write the record's sidecar (caller holds the mutex); JournalError.
 
@@ -725,13 +734,22 @@ class Journal:
         attribute change, as a local filesystem may forget a rename that was not fsynced; never
         less data. Every directory fsync (any commit's, _sync_dir's) makes it durable, and
         _sync_dir() runs before any upload or delete, so the store never gets ahead of it.
+
+        ``then`` runs in the same worker thread right after the sidecar is written: one thread
+        hop, not two. If it raises OSError, JournalError is raised (the sidecar stands).
         """
         if record.removed:
             return
         data = self._sidecar(record, dropping)
         changes = self._dir_changes
+
+        def write() -> None:
+            self._write_sidecar_sync(record.seq, data, durable)
+            if then is not None:
+                then()
+
         try:
-            await trio.to_thread.run_sync(self._write_sidecar_sync, record.seq, data, durable)
+            await trio.to_thread.run_sync(write)
         except OSError as exc:
             raise JournalError(
                 f"cannot write journal entry {record.seq}: {exc.strerror}", exc.errno
@@ -1036,15 +1054,17 @@ class Journal:
             )
             index = stop
         header, table = sink.writer.finish()
-        header = open_header(header, self._identity).reseal(
+        sealed_as = sink.writer.opened(header)
+        header = sealed_as.reseal(
             binding=self._enc.binding_for(key), mtime_ns=mtime_ns, mode=mode & 0o7777
         )
+        opened = sealed_as.after_reseal(header)
         await self._write_io(key, _finish_envelope, sink.fd, header, table, offset)
         cipher_size = offset + len(table)
         check_envelope_size(size, cipher_size)
         parsed = parse_header(header)
         env = _Envelope(sink.path, parsed.salt, size, cipher_size, parsed.binding,
-                        parsed.mtime_ns, parsed.mode, sink.unresolved)
+                        parsed.mtime_ns, parsed.mode, sink.unresolved, opened=opened)
         eager, sink.eager = sink.eager, None
         if eager is not None and eager.key != key:  # renamed while open
             eager.abort()
@@ -1103,7 +1123,8 @@ class Journal:
                 raise JournalError(
                     f"cannot write the journal for {key}: {exc.strerror}", exc.errno
                 ) from exc
-            parsed = parse_header(header)
+            env.opened = writer.opened(header)
+            parsed = env.opened.header
             env.salt, env.cipher_size, env.binding = parsed.salt, len(sealed), parsed.binding
             if self._held + len(sealed) <= HELD_BYTES:
                 env.data = sealed
@@ -1292,13 +1313,26 @@ class Journal:
             op = self._visible_put(key)
             if op is None:
                 return None
-            assert op.env is not None
-            f, opened = await trio.to_thread.run_sync(self._open_env_sync, op.env.path)
-        return PendingFile(key, f, opened, op.mtime_ns, op.mode)
+            env = op.env
+            assert env is not None
+            source: BinaryIO | bytearray
+            if env.opened is not None and env.data is not None:  # a small file we just wrote
+                source, opened = env.data, env.opened
+            else:
+                source, opened = await trio.to_thread.run_sync(
+                    self._open_env_sync, env.path, env.opened
+                )
+                env.opened = opened
+        return PendingFile(key, source, opened, op.mtime_ns, op.mode)
 
-    def _open_env_sync(self, path: Path) -> tuple[BinaryIO, OpenedEnvelope]:
+    def _open_env_sync(
+        self, path: Path, known: OpenedEnvelope | None
+    ) -> tuple[BinaryIO, OpenedEnvelope]:
         f = open(path, "rb")  # noqa: SIM115 -- owned by the PendingFile
         try:
+            if known is not None:
+                check_envelope_size(known.header.plain_size, os.fstat(f.fileno()).st_size)
+                return f, known
             opened = open_header(f.read(HEADER_SIZE), self._identity)
             check_envelope_size(opened.header.plain_size, os.fstat(f.fileno()).st_size)
             off, length = table_range(opened.header.plain_size)
@@ -1772,21 +1806,21 @@ class Journal:
             binding, op.mtime_ns, op.mode
         ):
             return
-        head = await trio.to_thread.run_sync(_read_head, env.path)
-        opened = open_header(head, self._identity)
+        opened = env.opened
+        if opened is None:  # replayed after a restart: open it from disk once
+            head = await trio.to_thread.run_sync(_read_head, env.path)
+            opened = open_header(head, self._identity)
         try:
             new = opened.reseal(add=add, binding=binding, mtime_ns=op.mtime_ns, mode=op.mode)
         except ConfigError as exc:  # too many recipients for one header: keep the old ones
             log.warning("journal: entry %d keeps its recipients: %s", record.seq, exc)
             new = opened.reseal(binding=binding, mtime_ns=op.mtime_ns, mode=op.mode)
         record.header_redo = new
-        # The redo record first, durably: a torn or lost write of the header is repaired at
-        # replay, so the header itself needs no fsync of its own.
-        await self._persist(record)
-        try:
-            await trio.to_thread.run_sync(_write_head, env.path, new, False)
-        except OSError as exc:
-            raise JournalError(f"cannot reseal journal entry {record.seq}", exc.errno) from exc
+        # The redo record first, durably, then the header in the same thread hop: a torn or
+        # lost write of the header is repaired at replay, so it needs no fsync of its own.
+        await self._persist(record, then=lambda: _write_head(env.path, new, False))
+        # (opened from disk above: its chunk table is not loaded, the next reader loads it)
+        env.opened = opened.after_reseal(new) if opened.table_loaded else None
         if env.data is not None:
             env.data[:HEADER_SIZE] = new
         env.binding, env.mtime_ns, env.mode = binding, op.mtime_ns, op.mode

@@ -510,6 +510,39 @@ def test_reseal_adds_recipients_keeps_writer_and_payload() -> None:
     assert opened.reseal() == data[:HEADER_SIZE]
 
 
+def test_writer_opened_and_after_reseal_match_a_real_open() -> None:
+    """What the journal keeps in memory for a file it just sealed (the writer's own view, then
+    the view after a reseal) opens chunks exactly as open_header of those bytes does, and
+    refuses a header of another envelope."""
+    pt = plaintext(2 * CS + 3)
+    writer = env.EnvelopeWriter(ALICE, [BOB.recipient], binding=object_binding("a"))
+    chunks = [writer.seal_chunk(pt[i : i + CS], last=i + CS >= len(pt))
+              for i in range(0, len(pt), CS)]
+    header, table = writer.finish()
+    data = header + b"".join(chunks) + table
+    mine = writer.opened(header)
+    assert mine.header == open_header(header, ALICE).header and mine.table_loaded
+    assert decrypt_random_access(data) == pt
+    for i, ct in enumerate(chunks):
+        assert mine.open_chunk(i, ct) == pt[i * CS : (i + 1) * CS]
+    new_head = mine.reseal(add=[CAROL.recipient], mtime_ns=7, mode=0o600)
+    after = mine.after_reseal(new_head)
+    assert after.header == open_header(new_head, CAROL).header
+    assert after.open_chunk(2, chunks[2]) == pt[2 * CS :]
+    other = seal(pt)  # same plaintext, another file key
+    with pytest.raises(ValueError):
+        writer.opened(other[:HEADER_SIZE])
+    with pytest.raises(ValueError):
+        mine.after_reseal(other[:HEADER_SIZE])
+    forged = bytearray(new_head)
+    forged[-1] ^= 1  # a flipped MAC or signature byte
+    with pytest.raises((ValueError, FormatError)):
+        mine.after_reseal(bytes(forged))
+    unfinished = env.EnvelopeWriter(ALICE, [])
+    with pytest.raises(ValueError):
+        unfinished.opened(header)
+
+
 def test_reseal_limit_and_validation() -> None:
     many = [Identity.generate().recipient for _ in range(MAX_RECIPIENTS - 1)]
     data = seal(b"x")
