@@ -357,6 +357,11 @@ class FolderAttrs:
         known = self._known.get(folder)
         key = record_key(folder)
         full = self.store.prefix + folder
+        if known is None and any(attrs is not None for attrs in notes.values()):
+            # Never read: most likely a folder that has no record yet (one this mount just
+            # filled). Try to create it first -- one PUT instead of a HEAD and a PUT; if a
+            # record is there after all, the conditional PUT fails and we read and merge.
+            known = _Known(None, {})
         for _ in range(_MAX_ATTEMPTS):
             if known is None:
                 known = await self._read(folder)

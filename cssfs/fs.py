@@ -268,6 +268,7 @@ class Operations(pyfuse3.Operations):
         check_writer: Callable[[bytes], None] | None = None,
         refresh_keys: KeyRefresher | None = None,
         folder_attrs: FolderAttrs | None = None,
+        on_new_folder: Callable[[str], None] | None = None,
         list_ttl: float = 2.0,
         attr_timeout: float = 1.0,
         read_only: bool = False,
@@ -285,6 +286,7 @@ class Operations(pyfuse3.Operations):
         self.check_writer = check_writer  # --trusted-writers-only: UntrustedWriterError
         self.refresh_keys = refresh_keys
         self.folder_attrs = folder_attrs  # per-folder records of mtimes/modes (folderattrs.py)
+        self.on_new_folder = on_new_folder  # mkdir made an empty folder (sharing: no policy yet)
         self.attr_timeout = attr_timeout
         self.read_only = read_only
         self.failsafe = False
@@ -735,9 +737,16 @@ class Operations(pyfuse3.Operations):
         async with self._ns_lock:
             if await self._attrs(path, exact=False) is not None:
                 raise FUSEError(errno.EEXIST)
+            started = time.monotonic()  # the listings' clock
             await self.encstore.store.put(_marker(path), b"")
             attrs = self._dir_attrs()
             self._note(path, attrs)
+            # Nothing was there, so the new folder was empty when its marker went up: its
+            # listing (and its sharing policy: none) are known without a request until they
+            # expire, like any listing (rsync makes a folder, then looks up names in it).
+            self.listings.prime(path, {}, started)
+            if self.on_new_folder is not None:
+                self.on_new_folder(path)
             node = self.inodes.lookup(path, True)
         return self._entry(node, attrs)
 

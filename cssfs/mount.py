@@ -603,8 +603,8 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
             is_trusted=lambda ed25519: trust().is_trusted(ed25519),
             check_writer=check_writer if cfg.trusted_writers_only else None,
             refresh_keys=GroupRefresher(sharing, encstore, cfg.list_ttl),
-            folder_attrs=folder_attrs, list_ttl=cfg.list_ttl, read_only=cfg.read_only,
-            nursery=nursery,
+            folder_attrs=folder_attrs, on_new_folder=sharing.note_new_folder,
+            list_ttl=cfg.list_ttl, read_only=cfg.read_only, nursery=nursery,
         )
         await ops.prime_listing("", entries_from_listing(root), listed_at)
         daemon = Daemon(cfg, ops, journal, cache, encstore)

@@ -295,6 +295,13 @@ class Sharing:
         self._policies[folder] = found
         return found
 
+    def note_new_folder(self, folder: str) -> None:
+        """``folder`` was just made, empty, by this mount: it holds no policy object, so its
+        lookup is settled for ``ttl`` as if a HEAD had found nothing (a policy written since by
+        somebody else is seen after that, as any cached answer is). What was cached for an
+        earlier folder of that name went with it (rmdir removes the policy object too)."""
+        self._policies[folder] = _Found(self._clock() + self.ttl, None, None)
+
     async def policy_status(self, folder: str, *, fresh: bool = False) -> PolicyStatus | None:
         """The policy object of ``folder`` itself (not inherited), or None if it has none."""
         found = await self._lookup(folder, fresh=fresh)

@@ -58,9 +58,15 @@ async def test_writers_merge_and_never_lose_each_others_entries() -> None:
     alice = FolderAttrs(store, ALICE, is_trusted=trust.__contains__, delay_s=0)
     bob = FolderAttrs(store, BOB, is_trusted=trust.__contains__, delay_s=0)
     alice.note("d/a", A1)
+    before = dict(store.stats.requests)
     await alice.flush()
+    # A folder with no record: created with one conditional PUT, nothing read first.
+    assert {k: v - before.get(k, 0) for k, v in store.stats.requests.items()
+            if v != before.get(k, 0)} == {"put": 1}
     bob.note("d/b", A2)
-    await bob.flush()
+    await bob.flush()  # bob never read alice's record: his create fails, he reads and merges
+    _, entries = decode(await store.get("d/" + NAME), "d/")
+    assert entries == {"a": A1, "b": A2}
     alice.note("d/c", A1)
     alice.note("d/a", None)  # removed
     await alice.flush()  # its cached version is stale: the conditional PUT fails, it merges
