@@ -1815,14 +1815,18 @@ class Journal:
         except ConfigError as exc:  # too many recipients for one header: keep the old ones
             log.warning("journal: entry %d keeps its recipients: %s", record.seq, exc)
             new = opened.reseal(binding=binding, mtime_ns=op.mtime_ns, mode=op.mode)
-        record.header_redo = new
-        # The redo record first, durably, then the header in the same thread hop: a torn or
-        # lost write of the header is repaired at replay, so it needs no fsync of its own.
-        await self._persist(record, then=lambda: _write_head(env.path, new, False))
+        if env.data is None:
+            record.header_redo = new
+            # The redo record first, durably, then the header in the same thread hop: a torn
+            # or lost write of the header is repaired at replay, so it needs no fsync of its own.
+            await self._persist(record, then=lambda: _write_head(env.path, new, False))
+        else:
+            # A held envelope is uploaded from memory (and read from there), so only the copy
+            # in memory needs the new header. The file keeps the header it was sealed with: a
+            # consistent envelope, which a replay after a crash reseals again from the sidecar.
+            env.data[:HEADER_SIZE] = new
         # (opened from disk above: its chunk table is not loaded, the next reader loads it)
         env.opened = opened.after_reseal(new) if opened.table_loaded else None
-        if env.data is not None:
-            env.data[:HEADER_SIZE] = new
         env.binding, env.mtime_ns, env.mode = binding, op.mtime_ns, op.mode
         env.unresolved = False  # the next sidecar write drops the flag (a replay before that
         # resolves again: adding recipients already there changes nothing)

@@ -672,6 +672,34 @@ async def test_store_down_keeps_entries_until_it_is_back(memmount: Mount) -> Non
     assert m.files() == []
 
 
+@pytest.mark.expect_logs("failed")
+async def test_reseal_of_a_held_envelope_survives_a_restart(tmp_path: Path,
+                                                            identity: Identity) -> None:
+    """A small envelope is resealed in memory only (new name, mode, mtime) when its upload
+    starts; if that upload fails and the daemon dies, the next run reseals the file on disk
+    again from its sidecar and uploads the right header."""
+    store = MemoryStore()
+    m = Mount(tmp_path / "s", store, identity)
+    await m.commit(".tmp.x1", b"held bytes " * 100, mode=0o600, mtime_ns=10**18)
+    assert await m.journal.set_attrs(".tmp.x1", mode=0o644, mtime_ns=5 * 10**17)
+    assert await m.journal.rename(".tmp.x1", "final")
+    on_disk = m.files()
+    head_before = (m.journal.directory / on_disk[0]).read_bytes()[:HEADER_SIZE]
+    m.gated.down = True
+    async with uploading(m.journal):
+        with pytest.raises(StoreUnavailableError):
+            await m.journal.flush()  # resealed in memory, then the put failed
+    assert (m.journal.directory / on_disk[0]).read_bytes()[:HEADER_SIZE] == head_before
+    again = Mount(tmp_path / "s", store, identity)  # the daemon died; the store is back
+    assert await again.journal.replay() == 1
+    async with uploading(again.journal):
+        await again.journal.flush()
+    assert await again.keys() == {"final"}
+    assert await again.read("final") == b"held bytes " * 100
+    info = await again.enc.header("final", (await store.head("final")).etag)
+    assert (info.mode, info.mtime_ns) == (0o644, 5 * 10**17)
+
+
 @pytest.mark.s3
 @pytest.mark.expect_logs("failed", "retry", "attempt")
 async def test_s3_outage_through_the_fault_proxy(tmp_path: Path, fault_proxy: Any,
