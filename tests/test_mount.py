@@ -300,35 +300,38 @@ def _put_envelope_for_someone_else(env: Env, key: str, data: bytes) -> None:
 
 def test_not_for_us_foreign_and_tampered(env: Env, mnt: Mount) -> None:
     mnt.allow(r"WARNING .*(alien/tampered|chunk)")
-    mnt.path("alien").mkdir()  # listed once it is used: after the planting below
-    _put_envelope_for_someone_else(env, "alien/theirs", CANARY)
-    (env.store / "alien" / "raw.bin").write_bytes(b"not an envelope")
+    mnt.path("alien").mkdir()  # this mount now believes it empty for its listing TTL
     src = env.src / "tampered"
     write_pattern(src, 3 * CHUNK_SIZE, seed=9)
     run("cp", src, mnt.path("tampered"))
     mnt.sync()
     run("mv", mnt.path("tampered"), mnt.path("alien/tampered"))
     mnt.sync()
+    _put_envelope_for_someone_else(env, "alien/theirs", CANARY)
+    (env.store / "alien" / "raw.bin").write_bytes(b"not an envelope")
     obj = env.store / "alien" / "tampered"
     raw = bytearray(obj.read_bytes())
     raw[HEADER_SIZE + CHUNK_SIZE + 16 + 100] ^= 0x01  # inside chunk 1
     obj.write_bytes(raw)
 
-    names = sorted(os.listdir(mnt.path("alien")))
-    assert names == ["raw.bin", "tampered", "theirs"]
-    assert mnt.path("alien/theirs").stat().st_size == len(CANARY)
-    with pytest.raises(PermissionError):
-        mnt.path("alien/theirs").read_bytes()
-    assert mnt.path("alien/raw.bin").stat().st_size == len(b"not an envelope")
-    with pytest.raises(PermissionError):
-        mnt.path("alien/raw.bin").read_bytes()
-    with pytest.raises(OSError) as err:
-        mnt.path("alien/tampered").read_bytes()
-    assert err.value.errno == errno.EIO
-    with open(mnt.path("alien/tampered"), "rb") as f:  # chunk 0 is still fine
-        assert f.read(1000) == src.read_bytes()[:1000]
-    assert "alien/tampered" in mnt.stderr()  # one log line names the object
-    assert CANARY.decode() not in mnt.stderr()
+    # What another client put there is seen by a mount that lists the folder afresh.
+    with mounted(os.fspath(env.store), env.tmp / "mnt-fresh", env.identity_path) as fresh:
+        fresh.allow(r"WARNING .*(alien/tampered|chunk)")
+        names = sorted(os.listdir(fresh.path("alien")))
+        assert names == ["raw.bin", "tampered", "theirs"]
+        assert fresh.path("alien/theirs").stat().st_size == len(CANARY)
+        with pytest.raises(PermissionError):
+            fresh.path("alien/theirs").read_bytes()
+        assert fresh.path("alien/raw.bin").stat().st_size == len(b"not an envelope")
+        with pytest.raises(PermissionError):
+            fresh.path("alien/raw.bin").read_bytes()
+        with pytest.raises(OSError) as err:
+            fresh.path("alien/tampered").read_bytes()
+        assert err.value.errno == errno.EIO
+        with open(fresh.path("alien/tampered"), "rb") as f:  # chunk 0 is still fine
+            assert f.read(1000) == src.read_bytes()[:1000]
+        assert "alien/tampered" in fresh.stderr()  # one log line names the object
+        assert CANARY.decode() not in fresh.stderr()
 
 
 # -- the daemon's life ----------------------------------------------------------------------------
