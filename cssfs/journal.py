@@ -589,6 +589,7 @@ class Journal:
         self._records: dict[int, _Record] = {}
         self._running = 0
         self._wakeup = trio.Event()
+        self._wake_at = math.inf  # when the uploader looks again if nobody kicks it
         self._uploader = False
         self._stopped = trio.Event()
         self._sealing: dict[str, int] = {}
@@ -984,7 +985,7 @@ class Journal:
                     self._records[seq] = record
                     self._queue(key).append(op)
                     await self._apply(plan)
-                    self._kick()
+                    self._kick_for(op)
             finally:
                 if tmp is not None:
                     await trio.to_thread.run_sync(_unlink_quietly, tmp)
@@ -1093,7 +1094,7 @@ class Journal:
             self._records[seq] = record
             self._queue(key).append(op)
             await self._apply(plan)
-            self._kick()
+            self._kick_for(op)
         log.debug("journal: committed entry %d (%d bytes, %d chunks sealed while written)",
                   seq, env.size, sink.count)
         return PendingInfo(key, env.size, env.mtime_ns, env.mode)
@@ -1134,7 +1135,7 @@ class Journal:
             self._records[seq] = record
             self._queue(key).append(op)
             await self._apply(plan)
-            self._kick()
+            self._kick_for(op)
         log.debug("journal: committed entry %d (%d bytes)", seq, env.size)
         return PendingInfo(key, env.size, env.mtime_ns, env.mode)
 
@@ -1479,7 +1480,7 @@ class Journal:
                     raise
                 op.obsolete = True
                 self._queue(key).append(again)
-            self._kick()
+                self._kick()  # (a queued op's new attrs make nothing ready sooner: no kick)
             return True
 
     # -- flush and stats ------------------------------------------------------------------
@@ -1689,6 +1690,13 @@ class Journal:
     def _kick(self) -> None:
         self._wakeup.set()
 
+    def _kick_for(self, op: _Op) -> None:
+        """Wake the uploader for a newly queued ``op`` only if it may start before the uploader
+        looks again anyway: a commit's put waits out the settle delay, so a burst of closes no
+        longer makes the uploader scan every queue once per close. Caller holds the mutex."""
+        if op.gate is not None or max(op.ready_at, op.not_before) < self._wake_at:
+            self._kick()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The uploader: starts ready ops, at most ``max_uploads`` at once, until cancelled."""
         if self._uploader:
@@ -1701,8 +1709,8 @@ class Journal:
                 task_status.started()
                 while True:
                     self._wakeup = trio.Event()
-                    async with self._mutex:
-                        deadline = self._start_ready(nursery)
+                    async with self._mutex:  # _kick_for reads _wake_at under it too
+                        deadline = self._wake_at = self._start_ready(nursery)
                     with trio.move_on_at(deadline):
                         await self._wakeup.wait()
         finally:
