@@ -82,7 +82,7 @@ def test_write_workload_through_random_faults_is_byte_identical(world: World) ->
     src = world.src / "tree"
     make_tree(src, {"empty": 0, "one": 1, "a/chunk-1": CHUNK_SIZE - 1, "a/chunk": CHUNK_SIZE,
                     "a/b/chunk+1": CHUNK_SIZE + 1, "a/b/c/nine-mib": 9 * MiB,
-                    **{f"many/{i:02d}": 1000 * i for i in range(12)}})
+                    **{f"many/{i:02d}": 1000 * i for i in range(24)}})
     cached = world.src / "cached"
     write_pattern(cached, 3 * CHUNK_SIZE + 5, seed=42)
     with world.mount() as m:
@@ -121,7 +121,8 @@ def test_write_workload_through_random_faults_is_byte_identical(world: World) ->
     want = {f"tree/{p.relative_to(src).as_posix()}": p.read_bytes()
             for p in src.rglob("*") if p.is_file()}
     assert stored == {**want, "cached": cached.read_bytes()}
-    assert sum(injected.values()) >= 10, injected
+    # The six forced faults plus at least two of the random ones (~40 requests at 20%).
+    assert sum(injected.values()) >= 8, injected
     assert set(injected) == {"500", "503", "slowdown", "reset", "stall", "drop"}, injected
 
 
