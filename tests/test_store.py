@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,20 @@ async def test_put_head_get_round_trip(store: ObjectStore) -> None:
     head = await store.head("dir/obj")
     assert (head.key, head.size, head.etag) == ("dir/obj", 1000, info.etag)
     assert abs(head.mtime - info.mtime) < 2
+    assert abs(head.mtime - time.time()) < 300  # a zone mistake would be hours
     assert await store.get("dir/obj") == data
+
+
+@pytest.mark.parametrize("text", [
+    "2026-11-26T23:42:49.000Z", "2026-11-26T23:42:49Z", "2026-11-27T00:42:49.5+01:00",
+    "Thu, 26 Nov 2026 23:42:49 GMT", "2026-11-26T23:42:49", "1795736569", "20261126",
+])
+def test_s3_timestamps_parse_as_botocore_parses_them(text: str) -> None:
+    from botocore.utils import parse_timestamp
+
+    from cssfs.store.s3 import _parse_timestamp
+
+    assert _parse_timestamp(text).timestamp() == parse_timestamp(text).timestamp()
 
 
 async def test_ranged_get_is_a_slice(store: ObjectStore) -> None:
