@@ -82,6 +82,11 @@ class DirCache(Generic[E]):
             return None
         return folder.entries
 
+    def loading(self, path: str) -> bool:
+        """Whether a LIST of ``path`` is running now."""
+        folder = self._folders.get(path)
+        return folder is not None and folder.loading is not None
+
     def peek(self, path: str) -> dict[str, E] | None:
         """The last listing of ``path`` even if it is no longer fresh (None if there is none):
         for guesses that may be wrong (which files to read ahead), never for answers."""

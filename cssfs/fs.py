@@ -95,7 +95,16 @@ STRICT_ENV = "CSSFS_STRICT"
 #: listing order (cp -r, tar, grep -r), the next this many small files are opened ahead --
 #: fetched whole, in parallel (EncryptedStore.prefetch_open).
 FOLDER_READAHEAD_FILES = 8
+#: Opening a folder's first file (in listing order) opens this many after it at once, before
+#: a second open confirms a scan: a walk (cp -r, diff -r, tar) then waits for no GET of its own
+#: after the first file of each folder, and a lone open of a first file costs this many GETs.
+FOLDER_READAHEAD_FIRST = 2
 FOLDER_SCANS = 64  # folders whose reading order is followed
+#: Folder listings loaded ahead, for walks (cp -r, diff -r, rsync, find): a folder read with
+#: readdir has its first this many subfolders listed in the background, and, when its parent
+#: was read with readdir too, the this many subfolders of the parent after it. A walk then finds
+#: each folder's LIST (and folder attrs record) done; a lone ``ls`` costs this many LISTs.
+FOLDER_LIST_AHEAD = 4
 #: A folder being read in listing order has its listing loaded again once it is this fraction
 #: of the listing TTL old (in the background, refresh-ahead): the scan's lookups never wait for
 #: a LIST when the TTL runs out (a 500-file read-back otherwise waited for several).
@@ -184,6 +193,7 @@ class _FolderScan:
     size: int  # its length then (our own changes edit it in place)
     names: list[str]
     index: dict[str, int]
+    first: int | None = None  # index of the first file in ``names`` (None: only folders)
     last: str | None = None  # the file opened last
     run: int = 0  # files opened in a row, each the next name after the one before
     ahead_until: int = 0  # names below this index were opened ahead already
@@ -306,6 +316,7 @@ class Operations(pyfuse3.Operations):
         self._header_limiter = trio.CapacityLimiter(HEADER_PREFETCH)
         self._refused: set[str] = set()  # keys we logged "cannot open" for
         self._scans: OrderedDict[str, _FolderScan] = OrderedDict()
+        self._walked: OrderedDict[str, list[str]] = OrderedDict()  # readdir'ed: subfolders
         # key -> (count, etag) of our own uploads that landed: a file opened over a pending
         # version that lands meanwhile must build on the landed version.
         self._landed: dict[str, tuple[int, str]] = {}
@@ -699,6 +710,7 @@ class Operations(pyfuse3.Operations):
             ]
             if unknown and self.nursery is not None:
                 self.nursery.start_soon(self._prefetch_headers, unknown)
+            self._list_ahead(handle.node.path, handle.entries)
         dots = self._dots(handle.node)
         for index in range(start_id, len(dots) + len(handle.entries)):
             if index < len(dots):
@@ -715,6 +727,32 @@ class Operations(pyfuse3.Operations):
                 self.inodes.drop_if_unused(node)
                 return
             node.lookups += 1
+
+    def _list_ahead(self, path: str, entries: list[tuple[str, Attrs]]) -> None:
+        """Folder ``path`` was read with readdir (``entries`` in name order): list the first
+        subfolders in the background, and, if its parent was read too (a walk), the parent's
+        next subfolders after it. Only a guess: a listing loaded for nothing costs a LIST."""
+        subs = [join(path, name) for name, attrs in entries if attrs.is_dir]
+        self._walked[path] = subs
+        self._walked.move_to_end(path)
+        while len(self._walked) > FOLDER_SCANS:
+            self._walked.popitem(last=False)
+        if self.nursery is None:
+            return
+        ahead = subs[:FOLDER_LIST_AHEAD]
+        siblings = self._walked.get(split(path)[0]) if path else None
+        if siblings is not None and path in siblings:
+            i = siblings.index(path)
+            ahead += siblings[i + 1 : i + 1 + FOLDER_LIST_AHEAD]
+        for sub in ahead:
+            if self.listings.cached(sub) is None and not self.listings.loading(sub):
+                self.nursery.start_soon(self._load_ahead, sub)
+
+    async def _load_ahead(self, path: str) -> None:
+        try:
+            await self._listing(path)
+        except Exception as exc:  # a hint: the readdir or lookup that needs it reports
+            log.debug("listing of %s ahead of a walk: %s", path, exc)
 
     def _dots(self, node: Node) -> list[tuple[bytes, Node]]:
         parent = self.inodes.at(node.parent_path) if node.path else node
@@ -839,7 +877,8 @@ class Operations(pyfuse3.Operations):
 
     def _read_ahead_folder(self, path: str) -> None:
         """Folder read-ahead: note that ``path`` is opened for reading; if it is the next name
-        after the file opened before in its folder's listing, open the next small files ahead.
+        after the file opened before in its folder's listing, open the next small files ahead
+        (a few already when it is the folder's first file: a walk starts there).
         Only a guess (from the folder's last listing, fresh or not): what it gets wrong costs a
         GET, never a wrong answer (files are opened by the version listed)."""
         parent, name = split(path)
@@ -851,8 +890,9 @@ class Operations(pyfuse3.Operations):
             names = sorted(listing)
             last = scan.last if scan is not None else None
             run = scan.run if scan is not None else 0
+            first = next((i for i, n in enumerate(names) if listing[n].kind == "file"), None)
             scan = _FolderScan(listing, len(listing), names, {n: i for i, n in enumerate(names)},
-                               last, run)
+                               first, last, run)
             self._scans[parent] = scan
             while len(self._scans) > FOLDER_SCANS:
                 self._scans.popitem(last=False)
@@ -865,11 +905,14 @@ class Operations(pyfuse3.Operations):
         if before is None or i != before + 1:
             scan.run = 0
             scan.ahead_until = i + 1
-            return
-        scan.run += 1
-        if self.nursery is not None and self.listings.due(parent, LISTING_REFRESH_AHEAD):
-            self.nursery.start_soon(self._refresh_listing, parent)
-        stop = min(i + 1 + FOLDER_READAHEAD_FILES, len(scan.names))
+            if i != scan.first:
+                return
+            stop = min(i + 1 + FOLDER_READAHEAD_FIRST, len(scan.names))
+        else:
+            scan.run += 1
+            if self.nursery is not None and self.listings.due(parent, LISTING_REFRESH_AHEAD):
+                self.nursery.start_soon(self._refresh_listing, parent)
+            stop = min(i + 1 + FOLDER_READAHEAD_FILES, len(scan.names))
         for j in range(max(scan.ahead_until, i + 1), stop):
             attrs = listing.get(scan.names[j])
             if (attrs is None or attrs.kind != "file" or attrs.etag is None

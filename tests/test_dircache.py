@@ -28,13 +28,15 @@ async def test_refresh_ahead_keeps_serving_the_current_listing() -> None:
     version[0] = 2
     gate = trio.Event()
     async with trio.open_nursery() as nursery:
+        assert not cache.loading("d")
         nursery.start_soon(cache.refresh, "d", loader)
         await trio.testing.wait_all_tasks_blocked()
+        assert cache.loading("d") and not cache.loading("other")
         assert not cache.due("d", 0.75)  # a load runs: not twice
         assert await cache.get("d", loader) == {"a": 1}  # meanwhile: the current listing
         cache.set_entry("d", "new", 3)  # our change while the LIST runs
         gate.set()
-    assert cache.lists == 2
+    assert cache.lists == 2 and not cache.loading("d")
     now[0] = 3.0  # past the first listing's ttl, within the refreshed one's
     assert await cache.get("d", loader) == {"a": 2, "new": 3}
     assert cache.lists == 2

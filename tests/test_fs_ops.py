@@ -453,6 +453,33 @@ async def test_reading_a_folder_in_order_opens_the_next_files_ahead(env: FS) -> 
     assert await env.read_file(names[0]) == files[names[0]]
 
 
+async def test_opening_a_folders_first_file_opens_a_few_ahead(env: FS) -> None:
+    es = env.ops.encstore
+    es.whole_object_bytes = WHOLE_OBJECT_BYTES
+    await env.mkdir("w")
+    await env.mkdir("w/a-sub")  # sorts before the files: the first *file* starts a walk
+    files = {f"w/f{i}": pattern(50 + i, i) for i in range(6)}
+    for path, data in files.items():
+        await env.write_file(path, data)
+    await env.journal.flush()
+    names = sorted(files)
+
+    async def cold_open_of(path: str) -> list[str]:
+        """Read ``path`` on a cold folder; the files opened ahead meanwhile."""
+        env.ops.listings.invalidate("w")
+        env.ops._scans.clear()
+        for name in names:
+            es.forget(name)
+        assert await env.read_file(path) == files[path]
+        while es._open_flights:
+            await next(iter(es._open_flights.values())).wait()
+        return sorted(k for k, _ in es._opened._d if k != path)
+
+    first = fsmod.FOLDER_READAHEAD_FIRST
+    assert await cold_open_of(names[0]) == names[1 : 1 + first]
+    assert await cold_open_of(names[3]) == []  # not where a walk starts: a lone open
+
+
 async def test_ls_l_then_read_small_files_costs_one_get_each(env: FS) -> None:
     es = env.ops.encstore
     es.whole_object_bytes = WHOLE_OBJECT_BYTES
@@ -478,6 +505,47 @@ async def test_ls_l_then_read_small_files_costs_one_get_each(env: FS) -> None:
             assert await env.read_file(path) == files[path]
     assert env.store.stats.requests["get"] == gets  # opened by ls -l already
     assert await env.read_file("d/big") == files["d/big"]
+
+
+async def test_a_walk_lists_the_next_folders_ahead(env: FS) -> None:
+    subs = [f"t/{c}" for c in "abcdefg"]
+    await env.mkdir("t")
+    for sub in subs:
+        await env.mkdir(sub)
+        await env.write_file(f"{sub}/f", b"x")
+    await env.mkdir("t/a/x")
+    await env.journal.flush()
+    listings = env.ops.listings
+    ahead = fsmod.FOLDER_LIST_AHEAD
+
+    async def cold() -> None:
+        """Nothing listed, nothing walked (LISTs still running ahead finish first)."""
+        while loading := [f.loading for f in listings._folders.values() if f.loading is not None]:
+            await loading[0].wait()
+        listings.invalidate_below("t")
+        env.ops._walked.clear()
+
+    async def listed_ahead() -> set[str]:
+        """The folders whose LIST has started (or finished) by the time every task waits."""
+        await trio.testing.wait_all_tasks_blocked()
+        folders = listings._folders
+        return {p for p in folders if p.startswith("t/")
+                and (folders[p].loading is not None or listings.cached(p) is not None)}
+
+    await cold()
+    await env.listdir("t")  # readdir: its first subfolders are listed ahead
+    assert await listed_ahead() == set(subs[:ahead])
+    await env.listdir("t/a")  # a walk: t/a's subfolder, and t's next subfolders after t/a
+    assert await listed_ahead() == set(subs[: 1 + ahead]) | {"t/a/x"}
+    lists = listings.lists
+    for sub in subs[1 : 1 + ahead]:
+        assert "f" in await env.listdir(sub)
+    # Each listed ahead in turn, none twice: only those not listed yet cost a LIST.
+    assert await listed_ahead() == set(subs) | {"t/a/x"}
+    assert listings.lists == lists + len(subs) - (1 + ahead)
+    await cold()
+    await env.listdir("t/d")  # its parent not read: no walk, nothing listed ahead
+    assert await listed_ahead() == {"t/d"}
 
 
 async def test_mkdir_readdir_rmdir(env: FS) -> None:
