@@ -279,6 +279,7 @@ class Operations(pyfuse3.Operations):
         refresh_keys: KeyRefresher | None = None,
         folder_attrs: FolderAttrs | None = None,
         on_new_folder: Callable[[str], None] | None = None,
+        on_listed: Callable[[str, list[Entry], float], None] | None = None,
         list_ttl: float = 2.0,
         attr_timeout: float = 1.0,
         read_only: bool = False,
@@ -297,6 +298,9 @@ class Operations(pyfuse3.Operations):
         self.refresh_keys = refresh_keys
         self.folder_attrs = folder_attrs  # per-folder records of mtimes/modes (folderattrs.py)
         self.on_new_folder = on_new_folder  # mkdir made an empty folder (sharing: no policy yet)
+        # A folder's LIST came back (its entries, cssfs's own objects included, and when it
+        # began on time.monotonic): sharing learns from it whether the folder has a policy.
+        self.on_listed = on_listed
         self.attr_timeout = attr_timeout
         self.read_only = read_only
         self.failsafe = False
@@ -489,12 +493,18 @@ class Operations(pyfuse3.Operations):
     # -- listings -------------------------------------------------------------------------------
 
     async def _load(self, path: str) -> dict[str, Attrs]:
-        return await self._listed(path, await self.encstore.list(_prefix(path)))
+        started = time.monotonic()
+        entries = await self.encstore.list(_prefix(path))
+        if self.on_listed is not None:
+            self.on_listed(path, entries, started)
+        return await self._listed(path, entries)
 
     async def prime_listing(self, path: str, entries: list[Entry], started: float) -> None:
         """Keep a listing of folder ``path`` made elsewhere (the mount's start-up LIST of the
         root, begun at ``started`` on the listing cache's clock), so the first lookups after
         mounting do not LIST it again."""
+        if self.on_listed is not None:
+            self.on_listed(path, entries, started)
         self.listings.prime(path, await self._listed(path, entries), started)
 
     async def _listed(self, path: str, entries: list[Entry]) -> dict[str, Attrs]:

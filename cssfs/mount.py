@@ -36,6 +36,7 @@ import ctypes.util
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -58,6 +59,7 @@ from cssfs.encstore import (
     OPEN_CACHE_ENTRIES,
     WHOLE_OBJECT_BYTES,
     EncryptedStore,
+    Entry,
     entries_from_listing,
 )
 from cssfs.errors import ConfigError, CssfsError, StoreUnavailableError
@@ -65,7 +67,7 @@ from cssfs.folderattrs import FolderAttrs
 from cssfs.fs import Operations, Reader
 from cssfs.journal import Journal
 from cssfs.keys import Identity, Recipient, writer_fingerprint
-from cssfs.policy import Trust, check_trusted_writer
+from cssfs.policy import Trust, check_trusted_writer, policy_key
 from cssfs.sharing import Sharing
 from cssfs.staging import StagedFile, StagingBudget
 from cssfs.store.url import open_store
@@ -94,6 +96,12 @@ MALLOC_ARENAS = 2
 #: with 5 ms it waited up to that long for the GIL at every wake-up (a 4 KiB close measured
 #: ~8 ms, of which ~3 ms work).
 GIL_SWITCH_S = 0.0005
+
+
+def _policy_seen(sharing: Sharing, path: str, entries: list[Entry], started: float) -> None:
+    """A listing of folder ``path`` tells sharing whether the folder has a policy object."""
+    key = policy_key(path)
+    sharing.note_listing(path, next((e.etag for e in entries if e.key == key), None), started)
 
 
 @dataclass(frozen=True)
@@ -604,6 +612,7 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
             check_writer=check_writer if cfg.trusted_writers_only else None,
             refresh_keys=GroupRefresher(sharing, encstore, cfg.list_ttl),
             folder_attrs=folder_attrs, on_new_folder=sharing.note_new_folder,
+            on_listed=functools.partial(_policy_seen, sharing),
             list_ttl=cfg.list_ttl, read_only=cfg.read_only, nursery=nursery,
         )
         await ops.prime_listing("", entries_from_listing(root), listed_at)

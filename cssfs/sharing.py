@@ -302,6 +302,20 @@ class Sharing:
         earlier folder of that name went with it (rmdir removes the policy object too)."""
         self._policies[folder] = _Found(self._clock() + self.ttl, None, None)
 
+    def note_listing(self, folder: str, policy_etag: str | None, started: float) -> None:
+        """A LIST of ``folder`` begun at ``started`` (on this object's clock) showed its policy
+        object with ``policy_etag``, or none. A lookup within ``ttl`` of that LIST then needs
+        no HEAD when the answer is one we hold: no policy, or the version we checked already
+        (a new version is still fetched and checked by the next lookup)."""
+        expires = started + self.ttl
+        found = self._policies.get(folder)
+        if found is not None and found.expires >= expires:
+            return
+        if policy_etag is None:
+            self._policies[folder] = _Found(expires, None, None)
+        elif found is not None and found.etag == policy_etag:
+            self._policies[folder] = _Found(expires, found.etag, found.verdict)
+
     async def policy_status(self, folder: str, *, fresh: bool = False) -> PolicyStatus | None:
         """The policy object of ``folder`` itself (not inherited), or None if it has none."""
         found = await self._lookup(folder, fresh=fresh)

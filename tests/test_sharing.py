@@ -88,6 +88,37 @@ async def test_policy_inherited_nearest_wins(mem: MemoryStore) -> None:
     assert await s.resolve_recipients("a/b/c/d/x.txt") == [CAROL.recipient]
 
 
+async def test_a_listing_or_a_new_folder_settles_policy_lookups(mem: MemoryStore) -> None:
+    """What a LIST of the folder showed (no policy, or the version we checked) and a folder we
+    just made stand in for the HEAD until the ttl runs out; a new version is still fetched."""
+    now = [100.0]
+    s = Sharing(mem, ALICE, ALICE_TRUST, ttl=2.0, clock=lambda: now[0])
+    s.note_listing("", None, started=99.5)  # the root, listed half a second ago: no policy
+    s.note_listing("a", None, started=99.5)
+    s.note_new_folder("a/b")
+    heads = mem.stats.requests.get("head", 0)
+    assert await s.resolve_recipients("a/b/x.txt") == []
+    assert mem.stats.requests.get("head", 0) == heads
+    now[0] = 101.6  # the root's and a's listings are too old now: asked again
+    await mem.put(policy_key("a"), make_policy(ALICE, "root/a", 1, [BOB.recipient]).to_bytes())
+    assert await s.resolve_recipients("a/b/x.txt") == [BOB.recipient]
+    etag = (await mem.head(policy_key("a"))).etag
+    heads = mem.stats.requests.get("head", 0)
+    now[0] = 103.0
+    s.note_listing("a/b", None, started=102.9)
+    s.note_listing("a", etag, started=102.9)  # the version checked already: no HEAD
+    assert await s.resolve_recipients("a/b/x.txt") == [BOB.recipient]
+    assert mem.stats.requests.get("head", 0) == heads
+    await mem.put(policy_key("a"), make_policy(ALICE, "root/a", 2, [CAROL.recipient]).to_bytes())
+    new_etag = (await mem.head(policy_key("a"))).etag
+    now[0] = 105.5
+    s.note_listing("a/b", None, started=105.4)
+    s.note_listing("a", new_etag, started=105.4)  # a new version: fetched and checked
+    assert await s.resolve_recipients("a/b/x.txt") == [CAROL.recipient]
+    s.note_listing("a", None, started=90.0)  # an older LIST never replaces a fresher answer
+    assert await s.resolve_recipients("a/b/x.txt") == [CAROL.recipient]
+
+
 async def test_untrusted_or_tampered_policy_not_followed(mem: MemoryStore, caplog) -> None:
     await mem.put(policy_key(""), make_policy(ALICE, "root", 1, [BOB.recipient]).to_bytes())
     # Carol (not Bob's contact) sets a policy for "a": Bob falls back to the root policy.

@@ -42,6 +42,27 @@ def test_new_folders_need_no_list_and_no_head(tmp_path: Path) -> None:
         cmp_trees(src, m.path("new"))
 
 
+def test_a_listed_folder_needs_no_policy_head(tmp_path: Path) -> None:
+    """A folder listed (ls) shows whether it has a policy object: a file created in it next
+    needs no policy HEAD, for it or for the root (listed when mounting)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    identity = tmp_path / "identity"
+    make_identity(identity)
+    with mounted(os.fspath(store), tmp_path / "mnt", identity, args=["--list-ttl", "30"]) as m:
+        run("mkdir", m.path("old"))
+        m.path("old", "a").write_bytes(b"a")
+        m.sync()
+    with mounted(os.fspath(store), tmp_path / "mnt", identity, args=["--list-ttl", "30"]) as m:
+        assert os.listdir(m.path("old")) == ["a"]
+        before = m.status()["store_requests"]
+        m.path("old", "b").write_bytes(b"b")
+        m.sync()
+        after = m.status()["store_requests"]
+        assert after.get("head", 0) == before.get("head", 0), (before, after)
+        assert m.path("old", "b").read_bytes() == b"b"
+
+
 @pytest.mark.parametrize("ttl", ["0"])
 def test_with_no_listing_cache_new_folders_are_listed(tmp_path: Path, ttl: str) -> None:
     """The shortcut is the listing cache's: with a TTL of 0 every lookup LISTs as before."""
