@@ -519,9 +519,12 @@ async def test_a_walk_lists_the_next_folders_ahead(env: FS) -> None:
     ahead = fsmod.FOLDER_LIST_AHEAD
 
     async def cold() -> None:
-        """Nothing listed, nothing walked (LISTs still running ahead finish first)."""
+        """Nothing listed, nothing walked (LISTs still running ahead finish first; a task
+        started to list ahead has set ``loading`` once every task waits)."""
+        await trio.testing.wait_all_tasks_blocked()
         while loading := [f.loading for f in listings._folders.values() if f.loading is not None]:
             await loading[0].wait()
+            await trio.testing.wait_all_tasks_blocked()
         listings.invalidate_below("t")
         env.ops._walked.clear()
 
