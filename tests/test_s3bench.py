@@ -26,6 +26,8 @@ import botocore.config
 import botocore.exceptions
 import pytest
 
+from tests.support.mounting import end_process
+
 pytestmark = pytest.mark.s3
 
 MiB = 1024 * 1024
@@ -70,12 +72,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchServer]:
         assert endpoint.startswith("http://127.0.0.1:"), endpoint
         yield BenchServer(endpoint, proc.pid, tmpdir)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end_process(proc)
         if proc.stdout is not None:
             proc.stdout.close()
 

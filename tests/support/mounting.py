@@ -36,6 +36,18 @@ EXIT_TIMEOUT = 120.0
 REPO = Path(__file__).resolve().parents[2]
 
 
+def end_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """Stop a child that may still run: SIGTERM, ``grace`` seconds, then SIGKILL; reaped."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def fuse_available() -> tuple[bool, str]:
     if not os.path.exists("/dev/fuse"):
         return False, "no /dev/fuse"
@@ -169,13 +181,8 @@ class Mount:
         """The failure path: lazy unmount, terminate, kill."""
         proc, self.proc = self.proc, None
         force_unmount(self.mountpoint)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            end_process(proc)
         force_unmount(self.mountpoint)
 
     def remount(self) -> None:
