@@ -26,7 +26,7 @@ import botocore.config
 import botocore.exceptions
 import pytest
 
-from tests.support.mounting import end_process
+from tests.support.procs import end_process
 
 pytestmark = pytest.mark.s3
 

@@ -30,22 +30,11 @@ from typing import Any
 import pytest
 
 from cssfs import service
+from tests.support.procs import end_process
 
 READY_TIMEOUT = 60.0
 EXIT_TIMEOUT = 120.0
 REPO = Path(__file__).resolve().parents[2]
-
-
-def end_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
-    """Stop a child that may still run: SIGTERM, ``grace`` seconds, then SIGKILL; reaped."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def fuse_available() -> tuple[bool, str]:
