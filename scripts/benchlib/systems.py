@@ -102,6 +102,8 @@ class System:
             s = m.sample()
             self.cpu_s += s.cpu_s - m.start_sample.cpu_s
             self.peak_rss_kib = max(self.peak_rss_kib, s.hwm_kib)
+            log(f"{self.label} mount {self.n_mounts}: peak RSS {s.hwm_kib / 1024:.0f} MiB, "
+                f"{s.cpu_s - m.start_sample.cpu_s:.2f} s of CPU")
         except OSError:
             pass
         code = m.stop()
