@@ -37,20 +37,7 @@ store calls themselves run outside it):
   each other); its header is rewritten only under the mutex, after the new header is saved in
   the sidecar (a redo record: a torn header write is repaired at replay);
 * a record's files are removed only when its put has landed (or was superseded/unlinked) and its
-  deletes are done; a sidecar is replaced atomically (write, fsync, rename, fsync directory; a
-  lazy update, below, without the fsyncs until it is made durable).
-
-Lazy sidecar updates. A rename or attribute change of a file whose upload has not started (what
-rsync does to every file right after close: utimes, chmod, rename) is written to ``<seq>.next``
-(write a temporary file, rename it over) without any fsync: it survives a crash of the daemon at
-once, and a power loss only once it is made durable. Before any upload or delete reaches the store
-(_sync_dir), and before any durable sidecar write (so no later change outlives an earlier one),
-every ``.next`` is fsynced and renamed over its ``.json``, then the directory is fsynced. A
-``.next`` carries the SHA-256 of its JSON and the sidecar's generation number; replay prefers it to
-the ``.json`` only if both check out and it is newer, so a power loss can take back a lazy change --
-the file is then uploaded as it was before the rename or chmod, as a local filesystem may forget a
-rename that was not fsynced -- but never lose the file. Each rsync file waits for one fsync (the
-next commit promoting its .next) instead of three.
+  deletes are done; a sidecar is replaced atomically (write, fsync, rename, fsync directory).
 """
 
 from __future__ import annotations
@@ -59,7 +46,6 @@ import base64
 import ctypes
 import ctypes.util
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -67,7 +53,6 @@ import os
 import random
 import re
 import secrets
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -308,7 +293,6 @@ class _Record:
     cleanup: list[_Op] = field(default_factory=list)
     header_redo: bytes | None = None
     disk_put: bool = False  # whether the sidecar on disk still asks for the put
-    gen: int = 0  # generation of the last sidecar built (a lazy .next wins only if newer)
     users: int = 0  # RUNNING puts reading the envelope file
     removed: bool = False
 
@@ -617,11 +601,10 @@ class Journal:
         self._trash_added = trio.Event()
         self._trashing = False
         self._trash_done = trio.Event()
-        # Lazy sidecars (``<seq>.next``, _persist(durable=False)) not yet made durable: seq ->
-        # generation. Changed only in worker threads holding _files_lock, which also orders
-        # every sidecar write, promotion and removal (uploads promote outside the mutex).
-        self._lazy: dict[int, int] = {}
-        self._files_lock = threading.Lock()
+        # Sidecars replaced without a directory fsync (_persist(durable=False)), counted, and
+        # how many of them a directory fsync is known to cover (it started after them).
+        self._dir_changes = 0
+        self._dir_synced = 0
         self._stats = JournalStats()
         self._replayed = False
         self._nursery: trio.Nursery | None = None  # run()'s: where early uploads run
@@ -666,9 +649,6 @@ class Journal:
     def _env_path(self, seq: int) -> Path:
         return self.directory / f"{seq:016d}.env"
 
-    def _next_path(self, seq: int) -> Path:
-        return self.directory / f"{seq:016d}.next"
-
     def _sidecar(self, record: _Record, dropping: Iterable[_Op] = ()) -> dict[str, Any]:
         """The sidecar of ``record`` as it will be once ``dropping`` are dropped."""
         gone = set(map(id, dropping))
@@ -678,11 +658,9 @@ class Journal:
             for op in record.cleanup
             if not op.finished and id(op) not in gone and (put is None or op.key != put.key)
         ]
-        record.gen += 1
         data: dict[str, Any] = {
             "format": FORMAT,
             "seq": record.seq,
-            "gen": record.gen,
             "env": record.env.path.name if record.env is not None else None,
             "put": None,
             "cleanup": cleanup,
@@ -704,53 +682,25 @@ class Journal:
             data["header"] = base64.b64encode(record.header_redo).decode("ascii")
         return data
 
-    def _write_sidecar_sync(self, seq: int, data: dict[str, Any]) -> None:
-        """Replace a sidecar durably: make every lazy sidecar durable first (no durable change
-        may survive a power loss without the earlier lazy ones: an unlink after a lazy rename,
-        say), write and fsync ``<seq>.json.tmp``, rename it over ``<seq>.json``, then one
-        directory fsync for all of it."""
+    def _write_sidecar_sync(self, seq: int, data: dict[str, Any], sync_dir: bool = True) -> None:
+        """Replace a sidecar atomically: write and fsync ``<seq>.json.tmp``, rename it over
+        ``<seq>.json``, then (``sync_dir``) fsync the directory so that the new name is durable.
+        Without ``sync_dir`` the caller must call _sync_dir() before anything reaches the store
+        on the strength of the new sidecar (see _persist)."""
         path = self._sidecar_path(seq)
+        tmp = path.with_name(path.name + ".tmp")
         body = json.dumps(data, sort_keys=True).encode("utf-8")
-        with self._files_lock:
-            self._promote_locked()
-            _replace_file(path, body, sync=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        if sync_dir:
             self._fsync_dir()
-
-    def _write_next_sync(self, seq: int, data: dict[str, Any]) -> None:
-        """Write a lazy sidecar ``<seq>.next`` (JSON, then its SHA-256; no fsync): see the
-        module docstring. _sync_dir() makes it durable before the store acts on it."""
-        body = json.dumps(data, sort_keys=True).encode("utf-8")
-        digest = hashlib.sha256(body).hexdigest().encode("ascii")
-        with self._files_lock:
-            _replace_file(self._next_path(seq), body + b"\n" + digest + b"\n", sync=False)
-            self._lazy[seq] = data["gen"]
-
-    def _promote_sync(self) -> None:
-        """Make every lazy sidecar durable (_promote_locked, then one directory fsync)."""
-        with self._files_lock:
-            if self._promote_locked():
-                self._fsync_dir()
-
-    def _promote_locked(self) -> bool:
-        """Fsync every lazy ``<seq>.next`` and rename it over ``<seq>.json`` (the caller holds
-        _files_lock and fsyncs the directory after); whether there was any."""
-        if not self._lazy:
-            return False
-        for seq in list(self._lazy):
-            nxt = self._next_path(seq)
-            try:
-                fd = os.open(nxt, os.O_RDONLY)
-            except FileNotFoundError:  # removed behind our back: the .json stands
-                log.warning("journal: lazy update of entry %d is gone", seq)
-                del self._lazy[seq]
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(nxt, self._sidecar_path(seq))
-            del self._lazy[seq]
-        return True
 
     def _install_sync(self, sealed: Path, path: Path, seq: int, data: dict[str, Any]) -> None:
         """Rename a sealed envelope to ``path`` and write its record's first sidecar durably.
@@ -779,10 +729,12 @@ class Journal:
         """Write the record's sidecar (caller holds the mutex); JournalError.
 
         ``durable=False`` (a rename or set_attrs of a file whose upload has not started, a
-        sidecar tidied after some of its ops finished) writes the lazy ``<seq>.next`` without
-        fsync (module docstring): it survives a crash of the daemon, and after a power loss
-        either it or the state before the change stands; never less data. _sync_dir() runs
-        before any upload or delete, so the store never gets ahead of it.
+        sidecar tidied after some of its ops finished) leaves out the directory fsync: the new
+        sidecar is complete on disk (its own fsync, then an atomic rename), but after a power
+        loss the directory may still show the previous one -- the state before the rename or
+        attribute change, as a local filesystem may forget a rename that was not fsynced; never
+        less data. Every directory fsync (any commit's, _sync_dir's) makes it durable, and
+        _sync_dir() runs before any upload or delete, so the store never gets ahead of it.
 
         ``then`` runs in the same worker thread right after the sidecar is written: one thread
         hop, not two. If it raises OSError, JournalError is raised (the sidecar stands).
@@ -790,12 +742,10 @@ class Journal:
         if record.removed:
             return
         data = self._sidecar(record, dropping)
+        changes = self._dir_changes
 
         def write() -> None:
-            if durable:
-                self._write_sidecar_sync(record.seq, data)
-            else:
-                self._write_next_sync(record.seq, data)
+            self._write_sidecar_sync(record.seq, data, durable)
             if then is not None:
                 then()
 
@@ -805,13 +755,20 @@ class Journal:
             raise JournalError(
                 f"cannot write journal entry {record.seq}: {exc.strerror}", exc.errno
             ) from exc
+        if durable:
+            self._dir_synced = max(self._dir_synced, changes)
+        else:
+            self._dir_changes += 1
         record.disk_put = data["put"] is not None
 
     async def _sync_dir(self) -> None:
-        """Make every sidecar written with ``durable=False`` so far durable (_promote_sync;
-        nothing to do, and no thread hop, when there is none)."""
-        if self._lazy:
-            await trio.to_thread.run_sync(self._promote_sync)
+        """Make every sidecar written with ``durable=False`` so far durable (one directory
+        fsync for all of them; nothing to do when a later fsync covered them already)."""
+        target = self._dir_changes
+        if self._dir_synced >= target:
+            return
+        await trio.to_thread.run_sync(self._fsync_dir)
+        self._dir_synced = max(self._dir_synced, target)
 
     async def _settle(self, record: _Record) -> None:
         """Bring a record's files in line after some of its ops finished: remove them when
@@ -877,10 +834,7 @@ class Journal:
             self._remove_record_sync(record)
 
     def _remove_record_sync(self, record: _Record) -> None:
-        with self._files_lock:
-            _unlink_quietly(self._sidecar_path(record.seq))  # the sidecar first: no orphan record
-            _unlink_quietly(self._next_path(record.seq))  # an orphan .next is ignored at replay
-            self._lazy.pop(record.seq, None)
+        _unlink_quietly(self._sidecar_path(record.seq))  # the sidecar first: no orphan record
         if record.env is not None:
             _unlink_quietly(record.env.path)
 
@@ -1018,6 +972,7 @@ class Journal:
                     # The commit point, in one thread hop: the envelope gets its entry's name,
                     # the sidecar is written and fsynced, then the directory.
                     data = self._sidecar(record)
+                    changes = self._dir_changes
                     try:
                         await trio.to_thread.run_sync(self._install_sync, tmp, path, seq, data)
                     except OSError as exc:
@@ -1025,6 +980,7 @@ class Journal:
                             f"cannot write the journal for {key}: {exc.strerror}", exc.errno
                         ) from exc
                     record.disk_put = True
+                    self._dir_synced = max(self._dir_synced, changes)
                     tmp = None
                     self._records[seq] = record
                     self._queue(key).append(op)
@@ -1120,6 +1076,7 @@ class Journal:
             record, op, plan = self._new_put(seq, key, env, base_etag)
             sealed, env.path = sink.path, path
             data = self._sidecar(record)
+            changes = self._dir_changes
             try:
                 await trio.to_thread.run_sync(self._install_sync, sealed, path, seq, data)
             except OSError as exc:
@@ -1129,6 +1086,7 @@ class Journal:
                     f"cannot write the journal for {key}: {exc.strerror}", exc.errno
                 ) from exc
             sink.installed(path)
+            self._dir_synced = max(self._dir_synced, changes)
             if eager is not None:
                 eager.committed(cipher_size)
                 op.eager = eager
@@ -1157,6 +1115,7 @@ class Journal:
             env = _Envelope(path, b"", size, 0, b"", mtime_ns, mode & 0o7777, unresolved)
             record, op, plan = self._new_put(seq, key, env, base_etag)
             data = self._sidecar(record)
+            changes = self._dir_changes
             try:
                 header, sealed = await trio.to_thread.run_sync(
                     self._commit_small_sync, path, writer, batch, seq, data
@@ -1171,6 +1130,7 @@ class Journal:
             if self._held + len(sealed) <= HELD_BYTES:
                 env.data = sealed
                 self._held += len(sealed)
+            self._dir_synced = max(self._dir_synced, changes)
             record.disk_put = True
             self._records[seq] = record
             self._queue(key).append(op)
@@ -1644,10 +1604,6 @@ class Journal:
                 referenced.add(loaded[0].env.path.name)
             out.append(loaded)
         for name in names:
-            if name.endswith(".next") and not (self.directory / f"{name[:-5]}.json").exists():
-                # its record finished (removal takes the .json first) or was moved to broken/
-                _unlink_quietly(self.directory / name)
-        for name in names:
             if name.endswith(".env") and name not in referenced:
                 path = self.directory / name
                 if path.exists():
@@ -1656,39 +1612,13 @@ class Journal:
         return out
 
     def _load_record(self, path: Path) -> tuple[_Record, _Op | None, list[_Op]]:
-        """The record of sidecar ``path``, or of its lazy ``.next`` if that is whole and
-        newer (then it is made durable before the store acts on it, as in the session that
-        wrote it); a stale or torn ``.next`` is removed."""
-        data = _parse_sidecar(path.read_bytes(), digest_required=False)
-        if data.get("format") != FORMAT:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError("not a journal sidecar of this version")
         seq = data["seq"]
         if not isinstance(seq, int) or path.name != f"{seq:016d}.json":
             raise ValueError("sidecar name and sequence number differ")
-        nxt_path = self._next_path(seq)
-        if nxt_path.exists():
-            nxt = _read_next(nxt_path)
-            if nxt is None:  # a power loss before it was made durable: the change is undone
-                log.info("journal: entry %d: its last rename or attribute change was torn "
-                         "by a crash; using the state before it", seq)
-            elif (nxt.get("format") == FORMAT and nxt.get("seq") == seq
-                  and isinstance(nxt.get("gen"), int) and nxt["gen"] > _generation(data)):
-                try:
-                    loaded = self._record_from(nxt)
-                except (OSError, ValueError, KeyError, TypeError, CssfsError) as exc:
-                    log.warning("journal: entry %d: ignoring its lazy update (%s: %s)",
-                                seq, type(exc).__name__, exc)
-                else:
-                    with self._files_lock:
-                        self._lazy[seq] = loaded[0].gen
-                    return loaded
-            # else older than the .json: a crash between a durable write and its removal
-            _unlink_quietly(nxt_path)
-        return self._record_from(data)
-
-    def _record_from(self, data: dict[str, Any]) -> tuple[_Record, _Op | None, list[_Op]]:
-        seq = data["seq"]
-        record = _Record(seq, None, gen=_generation(data))
+        record = _Record(seq, None)
         if data.get("header") is not None:
             record.header_redo = base64.b64decode(data["header"], validate=True)
             if len(record.header_redo) != HEADER_SIZE:
@@ -1751,7 +1681,7 @@ class Journal:
             stem, type(exc).__name__, exc, self.broken_dir,
         )
         self.broken_dir.mkdir(exist_ok=True, mode=0o700)
-        for name in (f"{stem}.json", f"{stem}.next", f"{stem}.env"):
+        for name in (f"{stem}.json", f"{stem}.env"):
             with _ignore_missing():
                 os.replace(self.directory / name, self.broken_dir / name)
 
@@ -2181,56 +2111,6 @@ class _ignore_missing:
 def _unlink_quietly(path: Path) -> None:
     with _ignore_missing():
         os.unlink(path)
-
-
-def _replace_file(path: Path, body: bytes, *, sync: bool) -> None:
-    """Replace ``path`` atomically by ``body``: write ``<name>.tmp`` (and fsync it if
-    ``sync``), then rename it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(body)
-        while view:
-            view = view[os.write(fd, view) :]
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _generation(data: dict[str, Any]) -> int:
-    """A sidecar's generation (0 in sidecars written before generations existed)."""
-    gen = data.get("gen", 0)
-    if not isinstance(gen, int) or isinstance(gen, bool) or gen < 0:
-        raise ValueError("bad sidecar generation")
-    return gen
-
-
-def _parse_sidecar(raw: bytes, *, digest_required: bool) -> dict[str, Any]:
-    """A sidecar's JSON object: one line of JSON, then -- in a lazy sidecar, and in a
-    ``.json`` that was one -- a line with its SHA-256, which must match. ValueError if not."""
-    body, newline, rest = raw.partition(b"\n")
-    if newline:
-        if rest != hashlib.sha256(body).hexdigest().encode("ascii") + b"\n":
-            raise ValueError("sidecar checksum does not match (torn write?)")
-    elif digest_required:
-        raise ValueError("lazy sidecar without its checksum (torn write?)")
-    data = json.loads(body)
-    if not isinstance(data, dict):
-        raise ValueError("sidecar is not a JSON object")
-    return data
-
-
-def _read_next(path: Path) -> dict[str, Any] | None:
-    """A lazy sidecar's JSON if the file is whole, else None (missing; torn by a power loss
-    before it was made durable)."""
-    try:
-        return _parse_sidecar(path.read_bytes(), digest_required=True)
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return None
 
 
 def _create_exclusive(path: Path) -> int:

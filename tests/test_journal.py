@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -378,17 +377,12 @@ async def test_torn_header_reseal_is_repaired_at_replay(tmp_path: Path, identity
     await third.commit("x", b"abc" * 1000)
     await third.journal.rename("x", "y")
     d = third.journal.directory
-    # the rename is in the lazy sidecar (.next: JSON, then its SHA-256)
-    side = json.loads((d / "0000000000000001.next").read_bytes().split(b"\n")[0])
-    assert side["put"]["key"] == "y"
+    side = json.loads((d / "0000000000000001.json").read_bytes())
     good_head = (d / "0000000000000001.env").read_bytes()[:HEADER_SIZE]
-    # the uploader saved the new header in the sidecar (durably: a newer .json, the .next
-    # gone), then died while writing it
+    # the uploader saved the new header in the sidecar, then died while writing it
     new = open_header(good_head, identity).reseal(binding=object_binding("y"))
     side["header"] = base64.b64encode(new).decode()
-    side["gen"] += 1
     (d / "0000000000000001.json").write_text(json.dumps(side))
-    (d / "0000000000000001.next").unlink()
     torn = bytearray((d / "0000000000000001.env").read_bytes())
     torn[:2000] = bytes(2000)  # torn: half the header is zeros
     (d / "0000000000000001.env").write_bytes(bytes(torn))
@@ -914,21 +908,20 @@ async def test_random_operations_match_a_model(tmp_path: Path, identity: Identit
     assert m.files() == []
 
 
-async def test_rename_and_attrs_of_a_queued_file_are_lazy(
+async def test_rename_and_attrs_of_a_queued_file_skip_the_directory_fsync(
     memmount: Mount, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """rsync's utimes + rename after close cost no fsync: they go to the lazy sidecar
-    (``.next``), made durable (fsync, rename over the ``.json``, directory fsync) before the
-    upload acts on them; then the renamed file lands with its attributes."""
+    """rsync's utimes + rename after close cost no directory fsync each; one directory fsync
+    makes them durable before the upload acts on them (then the renamed file lands)."""
     m = memmount
     events: list[str] = []
-    real_fsync = os.fsync
+    real = Journal._fsync_dir
 
-    def counted(fd: int) -> None:
-        events.append("fsync")
-        real_fsync(fd)
+    def counted(self: Journal) -> None:
+        events.append("fsync-dir")
+        real(self)
 
-    monkeypatch.setattr(os, "fsync", counted)
+    monkeypatch.setattr(Journal, "_fsync_dir", counted)
     put = m.gated.put
 
     async def logged_put(key: str, body: Any, **kw: Any) -> Any:
@@ -937,113 +930,19 @@ async def test_rename_and_attrs_of_a_queued_file_are_lazy(
 
     monkeypatch.setattr(m.gated, "put", logged_put)
     await m.commit("d/.a.txt.Xy12ab", CANARY)
-    assert events.count("fsync") == 3  # the commit is durable at once: envelope, sidecar, dir
+    assert events == ["fsync-dir"]  # the commit itself is durable at once
     events.clear()
     assert await m.journal.set_attrs("d/.a.txt.Xy12ab", mtime_ns=5, mode=0o600)
     assert await m.journal.rename("d/.a.txt.Xy12ab", "d/a.txt")
     assert events == []
-    d = m.journal.directory
-    (json_name,) = [n for n in m.files() if n.endswith(".json")]
-    durable = json.loads((d / json_name).read_bytes())
-    assert durable["put"]["key"] == "d/.a.txt.Xy12ab"  # the .json is the state at close
-    body, digest, tail = (d / json_name.replace(".json", ".next")).read_bytes().split(b"\n")
-    assert (digest, tail) == (hashlib.sha256(body).hexdigest().encode(), b"")
-    lazy = json.loads(body)
-    assert (lazy["put"]["key"], lazy["put"]["mtime_ns"]) == ("d/a.txt", 5)
-    assert lazy["gen"] > durable["gen"]
+    sidecars = [n for n in m.files() if n.endswith(".json")]
+    data = json.loads((m.journal.directory / sidecars[0]).read_bytes())
+    assert (data["put"]["key"], data["put"]["mtime_ns"]) == ("d/a.txt", 5)  # written, not synced
     async with uploading(m.journal):
         await m.journal.flush()
     assert "put d/a.txt" in events
-    assert events[: events.index("put d/a.txt")] == ["fsync", "fsync"]  # .next, directory
+    assert "fsync-dir" in events[: events.index("put d/a.txt")]
     assert await m.read("d/a.txt") == CANARY
     assert await m.keys() == {"d/a.txt"}
     head = parse_header(await m.gated.inner.get("d/a.txt", 0, HEADER_SIZE))
     assert (head.mtime_ns, head.mode) == (5, 0o600)
-
-
-async def test_a_durable_write_makes_earlier_lazy_ones_durable_first(memmount: Mount) -> None:
-    """No durable change may survive a power loss without the lazy ones before it (an unlink
-    after a lazy rename must not leave the old name to be uploaded): the next commit's sidecar
-    write promotes every ``.next`` first."""
-    m = memmount
-    await m.commit(".a.XYZ", CANARY)
-    assert await m.journal.rename(".a.XYZ", "a")
-    d = m.journal.directory
-    assert [p.name for p in d.iterdir() if p.name.endswith(".next")]
-    await m.commit("b", b"other")
-    assert not [p.name for p in d.iterdir() if p.name.endswith(".next")]
-    keys = {json.loads(p.read_bytes().split(b"\n")[0])["put"]["key"]
-            for p in d.iterdir() if p.name.endswith(".json")}
-    assert keys == {"a", "b"}
-
-
-async def test_lazy_rename_survives_a_crash_of_the_daemon(tmp_path: Path, identity: Identity
-                                                          ) -> None:
-    """A crash after rsync's rename returned (the lazy sidecar not yet durable): replay
-    takes the rename from the ``.next`` and uploads under the final name only."""
-    store = MemoryStore()
-    m = Mount(tmp_path / "s", store, identity)
-    await m.commit(".f.XYZ", CANARY, mode=0o600, mtime_ns=10**18)
-    assert await m.journal.set_attrs(".f.XYZ", mode=0o644, mtime_ns=7)
-    assert await m.journal.rename(".f.XYZ", "f")
-    again = Mount(tmp_path / "s", store, identity)  # the daemon died before uploading
-    assert await again.journal.replay() == 1
-    assert again.journal.pending("f") == PendingInfo("f", len(CANARY), 7, 0o644)
-    async with uploading(again.journal):
-        await again.journal.flush()
-    assert await again.keys() == {"f"}
-    assert await again.read("f") == CANARY
-    assert again.files() == []
-
-
-@pytest.mark.parametrize("damage", ["torn", "empty", "zeros", "stale"])
-async def test_a_lazy_sidecar_a_power_loss_tore_is_ignored(
-    tmp_path: Path, identity: Identity, damage: str
-) -> None:
-    """After a power loss the ``.next`` may be torn (or, after a crash in the middle of a
-    durable write, older than the ``.json``): replay uses the ``.json`` -- the file as it was
-    before the rename, under its old name -- and removes the ``.next``. Never a lost file."""
-    store = MemoryStore()
-    m = Mount(tmp_path / "s", store, identity)
-    await m.commit(".f.XYZ", CANARY)
-    assert await m.journal.rename(".f.XYZ", "f")
-    d = m.journal.directory
-    (nxt,) = [p for p in d.iterdir() if p.name.endswith(".next")]
-    raw = nxt.read_bytes()
-    if damage == "torn":
-        nxt.write_bytes(raw[: len(raw) // 2])
-    elif damage == "empty":
-        nxt.write_bytes(b"")
-    elif damage == "zeros":
-        nxt.write_bytes(bytes(len(raw)))
-    else:  # a whole .next, but the .json was rewritten after it (a later generation)
-        side = nxt.with_suffix(".json")
-        data = json.loads(raw.split(b"\n")[0])
-        data["gen"] = json.loads(side.read_bytes())["gen"] - 1
-        body = json.dumps(data, sort_keys=True).encode()
-        nxt.write_bytes(body + b"\n" + hashlib.sha256(body).hexdigest().encode() + b"\n")
-        assert json.loads(side.read_bytes())["gen"] > data["gen"]
-    again = Mount(tmp_path / "s", store, identity)
-    assert await again.journal.replay() == 1
-    assert not nxt.exists()
-    async with uploading(again.journal):
-        await again.journal.flush()
-    assert await again.keys() == {".f.XYZ"}
-    assert await again.read(".f.XYZ") == CANARY
-
-
-async def test_a_lazy_sidecar_without_its_entry_is_removed(tmp_path: Path, identity: Identity
-                                                           ) -> None:
-    """A crash while removing a finished entry (the ``.json`` goes first) leaves its ``.next``:
-    replay removes it and queues nothing."""
-    store = MemoryStore()
-    m = Mount(tmp_path / "s", store, identity)
-    await m.commit(".f.XYZ", CANARY)
-    assert await m.journal.rename(".f.XYZ", "f")
-    d = m.journal.directory
-    (side,) = [p for p in d.iterdir() if p.name.endswith(".json")]
-    side.unlink()
-    side.with_suffix(".env").unlink()
-    again = Mount(tmp_path / "s", store, identity)
-    assert await again.journal.replay() == 0
-    assert again.files() == []
