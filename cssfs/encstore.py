@@ -1387,21 +1387,25 @@ class EncryptedFile:
         indexes = chunks_for(offset, size, plain)
         if not indexes:
             return b""
-        # A read that continues the last one (or starts the file) is a stream: the reader's
-        # page cache keeps what it gets, so the chunk cache need not (drop-behind).
-        stream = offset == self._next_offset
-        chunks = await self._store._chunks(self.state, indexes, stream=stream)
         first = indexes.start * CHUNK_SIZE
         end = min(offset + size, plain)
+        # Noted before the fetch, not after: the kernel's read-ahead sends a sequential
+        # reader's next requests while this one is still fetching, and each must find the
+        # stream where the one before it (in request order) ends.
+        stream = self._note_read(offset, end, indexes)
+        chunks = await self._store._chunks(self.state, indexes, stream=stream)
         if len(indexes) == 1 and offset == first and end - first == len(chunks[indexes.start]):
             result = chunks[indexes.start]  # a whole chunk: no copy
         else:
             result = b"".join(chunks[i] for i in indexes)[offset - first : end - first]
-        self._note_read(offset, end, indexes)
         return result
 
-    def _note_read(self, offset: int, end: int, indexes: range) -> None:
-        if offset == self._next_offset:
+    def _note_read(self, offset: int, end: int, indexes: range) -> bool:
+        """Note a read starting; whether it continues the last one (or starts the file): a
+        stream, whose reader's page cache keeps what it gets, so the chunk cache need not
+        (drop-behind). A stream's reads top up the read-ahead."""
+        stream = offset == self._next_offset
+        if stream:
             self._sequential += 1
         else:
             self._sequential = 0
@@ -1409,15 +1413,16 @@ class EncryptedFile:
         self._next_offset = end
         store = self._store
         if self._sequential < 1 or store.readahead_bytes <= 0:
-            return
+            return stream
         window = max(1, min(store.readahead_bytes, store.cache.max_bytes // 4) // CHUNK_SIZE)
         count = chunk_count(self.size)
         start = max(indexes.stop, self._ahead_until)
         # Top up only when less than half the window is left ahead: fewer, larger GETs.
         if start - indexes.stop > window // 2 or start >= count:
-            return
+            return stream
         stop = min(indexes.stop + window, count)
         if stop <= start:
-            return
+            return stream
         self._ahead_until = stop
         store._prefetch(self.state, range(start, stop))
+        return stream

@@ -489,6 +489,52 @@ async def test_a_sequential_read_leaves_the_cache_to_random_access(
         assert store.stats.requests["get"] == gets
 
 
+class HeldGets:
+    """A store whose GETs wait for ``release``: reads overlap, as the kernel's read-ahead makes
+    a sequential reader's requests overlap."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.release = trio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def get(self, *args: object, **kw: object) -> bytes:
+        await self.release.wait()
+        return await self.inner.get(*args, **kw)  # type: ignore[arg-type]
+
+    async def get_into(self, *args: object, **kw: object) -> int:
+        await self.release.wait()
+        return await self.inner.get_into(*args, **kw)  # type: ignore[arg-type]
+
+
+async def test_overlapping_sequential_reads_are_one_stream(
+    memory_store: ObjectStore, me: Identity
+) -> None:
+    data = pattern(16 * CS, 23)
+    await es_for(memory_store, me).put("seq", data)
+    store = HeldGets(memory_store)
+    async with es_for(store, me, cache=4 << 20, readahead_bytes=4 * CS) as es:  # type: ignore[arg-type]
+        store.release.set()
+        f = await es.open("seq")
+        store.release = trio.Event()
+        got: dict[int, bytes] = {}
+
+        async def read(off: int) -> None:
+            got[off] = await f.read(off, 2 * CS)
+
+        async with trio.open_nursery() as nursery:
+            for off in range(0, len(data), 2 * CS):  # each sent before the one before is answered
+                nursery.start_soon(read, off)
+                await trio.testing.wait_all_tasks_blocked()
+            store.release.set()
+        assert b"".join(got[off] for off in sorted(got)) == data
+        # Every read continued the stream: nothing went to the cache's main segment.
+        assert es.cache.stats.bytes == es.cache.stats.probation_bytes
+        assert es.cache.stats.promotions == 0
+
+
 async def test_open_ahead_shares_one_get_with_the_open(
     memory_store: ObjectStore, me: Identity
 ) -> None:
