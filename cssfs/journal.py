@@ -116,8 +116,10 @@ EAGER_MIN_BYTES = 32 * 1024 * 1024
 HELD_BYTES = 32 * 1024 * 1024
 #: rsync's temporary names (.NAME.XXXXXX): renamed right after close, so never uploaded early.
 _TEMP_NAME = re.compile(r"\.[^/]+\.[A-Za-z0-9]{6}")
-#: Bytes read from the envelope file per piece of an eager upload.
-_EAGER_PIECE = 4 * 1024 * 1024
+#: Bytes read from the envelope file per piece of an eager upload, into one reused buffer (the
+#: store copies each piece into its part buffers). 1 MiB: 4 MiB held 3.7 MiB more at the peak
+#: of a 256 MiB cp, for no measurable speed (a thread hop per MiB is noise next to the PUTs).
+_EAGER_PIECE = 1024 * 1024
 
 QUEUED: Literal["queued"] = "queued"
 RUNNING: Literal["running"] = "running"
@@ -452,6 +454,11 @@ class EagerUpload:
             self.done.set()
 
     async def _rest(self) -> Any:
+        # One buffer, refilled for every piece (the PartSource contract allows it): a new
+        # multi-MiB bytes per piece comes, once glibc's dynamic mmap threshold has risen past
+        # it, from the heap between smaller blocks and leaves it fragmented (a 256 MiB cp
+        # peaked 16 MiB higher, with 4 MiB pieces, and spent 13% more CPU).
+        buf = bytearray(_EAGER_PIECE)
         pos = HEADER_SIZE
         while True:
             if self.aborted:
@@ -459,11 +466,12 @@ class EagerUpload:
             limit = self._final if self._final is not None else self._ready
             if pos < limit:
                 n = min(limit - pos, _EAGER_PIECE)
-                data = await trio.to_thread.run_sync(os.pread, self._fd, n, pos)
-                if len(data) != n:
+                piece = memoryview(buf)[:n]
+                got = await trio.to_thread.run_sync(os.preadv, self._fd, [piece], pos)
+                if got != n:
                     raise JournalError("envelope file shorter than sealed")
                 pos += n
-                yield data
+                yield piece
             elif self._final is not None:
                 return
             else:
