@@ -852,7 +852,11 @@ class Operations(pyfuse3.Operations):
         if attrs.kind == "foreign":
             self._refuse(path, "is not a cssfs envelope")
             raise FUSEError(errno.EACCES)
-        pending: PendingFile | None = await self.journal.open_pending(path)
+        pending: PendingFile | None = None
+        if attrs.etag is None or self.journal.pending(path) is not None:
+            # Not for a stored version with nothing pending (a read-back of many files):
+            # open_pending takes the journal's lock, a trip through trio's scheduler each.
+            pending = await self.journal.open_pending(path)
         if pending is not None:
             return pending
         if attrs.etag is None and path in self._landed:

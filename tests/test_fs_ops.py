@@ -551,6 +551,27 @@ async def test_a_walk_lists_the_next_folders_ahead(env: FS) -> None:
     assert await listed_ahead() == {"t/d"}
 
 
+async def test_reading_a_stored_file_does_not_wait_for_the_journal(
+    env: FS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await env.write_file("stored", b"landed")
+    await env.journal.flush()
+    await env.write_file("pending", b"not yet")  # in the journal (the settle time holds it)
+    calls: list[str] = []
+    open_pending = env.journal.open_pending
+
+    async def counting(key: str) -> Any:
+        calls.append(key)
+        return await open_pending(key)
+
+    monkeypatch.setattr(env.journal, "open_pending", counting)
+    assert await env.read_file("stored") == b"landed"
+    assert calls == []  # nothing pending under that name: no trip through the journal's lock
+    if env.journal.pending("pending") is not None:
+        assert await env.read_file("pending") == b"not yet"
+        assert calls == ["pending"]
+
+
 async def test_mkdir_readdir_rmdir(env: FS) -> None:
     await env.mkdir("d")
     await env.mkdir("d/e")
