@@ -82,6 +82,13 @@ class DirCache(Generic[E]):
             return None
         return folder.entries
 
+    def expires_in(self, path: str) -> float:
+        """Seconds until the listing of ``path`` stops being fresh (0 if it is not)."""
+        folder = self._folders.get(path)
+        if folder is None or folder.entries is None:
+            return 0.0
+        return max(0.0, folder.started + self.ttl - self._clock())
+
     def loading(self, path: str) -> bool:
         """Whether a LIST of ``path`` is running now."""
         folder = self._folders.get(path)

@@ -368,11 +368,19 @@ class Operations(pyfuse3.Operations):
 
     # -- attributes -----------------------------------------------------------------------------
 
-    def _entry(self, node: Node, attrs: Attrs) -> pyfuse3.EntryAttributes:
+    def _entry(self, node: Node, attrs: Attrs, *, listed: bool = False
+               ) -> pyfuse3.EntryAttributes:
+        """What the kernel gets for ``node``. ``listed``: ``attrs`` came from the parent's
+        cached listing, so the kernel may keep them until that listing expires if that is
+        later than ``attr_timeout`` -- until then a lookup would get the same answer from us;
+        what the kernel shows is still at most ``list_ttl + attr_timeout`` old, as before. A
+        read-back of a folder just listed with ``ls -l`` then makes no lookup per file."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = node.inode
         entry.generation = 0
         timeout = self.attr_timeout if attrs.exact else 0
+        if listed and attrs.exact and node.path:
+            timeout = max(timeout, self.listings.expires_in(node.parent_path))
         entry.entry_timeout = timeout
         entry.attr_timeout = timeout
         kind = stat.S_IFDIR if attrs.is_dir else stat.S_IFREG
@@ -658,7 +666,7 @@ class Operations(pyfuse3.Operations):
             entry.entry_timeout = self.attr_timeout
             return entry
         node = self.inodes.lookup(path, attrs.is_dir)
-        return self._entry(node, attrs)
+        return self._entry(node, attrs, listed=self._local(path) is None)
 
     async def _node_attrs(self, node: Node) -> Attrs:
         if not node.detached:
@@ -732,8 +740,9 @@ class Operations(pyfuse3.Operations):
                 continue
             name, attrs = handle.entries[index - len(dots)]
             node = self.inodes.node_for(join(handle.node.path, name), attrs.is_dir)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(node, attrs),
-                                         index + 1):
+            listed = self._local(node.path) is None
+            if not pyfuse3.readdir_reply(token, os.fsencode(name),
+                                         self._entry(node, attrs, listed=listed), index + 1):
                 self.inodes.drop_if_unused(node)
                 return
             node.lookups += 1

@@ -551,6 +551,27 @@ async def test_a_walk_lists_the_next_folders_ahead(env: FS) -> None:
     assert await listed_ahead() == {"t/d"}
 
 
+async def test_names_from_a_listing_are_cached_by_the_kernel_until_it_expires(env: FS) -> None:
+    await env.write_file("stored", b"s")
+    await env.journal.flush()
+    fh = await env.create("open-here")
+    listings = env.ops.listings
+    listings.ttl = 30.0
+    listings.invalidate("")
+    listing = await env.listdir("")
+    timeout = env.ops.attr_timeout
+    # Listed: as long as the listing stays fresh (a lookup would answer the same until then).
+    assert timeout < listing["stored"].entry_timeout <= 30.0
+    assert listing["stored"].attr_timeout == listing["stored"].entry_timeout
+    assert timeout < (await env.ops.lookup(ROOT_INODE, b"stored", CTX)).entry_timeout <= 30.0
+    # Open here (not from the listing): the usual timeout.
+    assert listing["open-here"].entry_timeout == timeout
+    assert (await env.ops.lookup(ROOT_INODE, b"open-here", CTX)).entry_timeout == timeout
+    await env.close(fh)
+    listings.ttl = 0.5  # a listing about to expire: never less than the usual timeout
+    assert (await env.ops.lookup(ROOT_INODE, b"stored", CTX)).entry_timeout == timeout
+
+
 async def test_reading_a_stored_file_does_not_wait_for_the_journal(
     env: FS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
