@@ -105,6 +105,19 @@ FOLDER_SCANS = 64  # folders whose reading order is followed
 #: was read with readdir too, the this many subfolders of the parent after it. A walk then finds
 #: each folder's LIST (and folder attrs record) done; a lone ``ls`` costs this many LISTs.
 FOLDER_LIST_AHEAD = 4
+#: During a walk (a folder read with readdir inside a folder read with readdir), a folder listed
+#: ahead has its first subfolder listed too once its own listing is in, and that one's, down
+#: this many levels: a depth-first walk that enters a folder goes to its first subfolder next,
+#: and finds that LIST done too. At most this many LISTs more per folder listed ahead.
+FOLDER_LIST_DEPTH = 2
+#: A reading walk (cp -r, diff -r, tar, grep -r: files opened for reading in a folder read with
+#: readdir whose parent was read with readdir too) lasts this long after such an open. During
+#: one, a folder read with readdir has its first 1 + FOLDER_READAHEAD_FIRST files opened ahead,
+#: and a folder listed ahead its first file, as soon as their listings are known: the walk then
+#: waits for no GET at the first file of each folder. At most 1 + FOLDER_READAHEAD_FIRST GETs
+#: per readdir and one per folder listed ahead; nothing without a reading walk (a lone ``ls``,
+#: ``cat`` or ``find``).
+READING_WALK_S = 2.0
 #: A folder being read in listing order has its listing loaded again once it is this fraction
 #: of the listing TTL old (in the background, refresh-ahead): the scan's lookups never wait for
 #: a LIST when the TTL runs out (a 500-file read-back otherwise waited for several).
@@ -321,6 +334,7 @@ class Operations(pyfuse3.Operations):
         self._refused: set[str] = set()  # keys we logged "cannot open" for
         self._scans: OrderedDict[str, _FolderScan] = OrderedDict()
         self._walked: OrderedDict[str, list[str]] = OrderedDict()  # readdir'ed: subfolders
+        self._reading_walk_until = 0.0  # time.monotonic() until which a reading walk is on
         # key -> (count, etag) of our own uploads that landed: a file opened over a pending
         # version that lands meanwhile must build on the landed version.
         self._landed: dict[str, tuple[int, str]] = {}
@@ -750,7 +764,10 @@ class Operations(pyfuse3.Operations):
     def _list_ahead(self, path: str, entries: list[tuple[str, Attrs]]) -> None:
         """Folder ``path`` was read with readdir (``entries`` in name order): list the first
         subfolders in the background, and, if its parent was read too (a walk), the parent's
-        next subfolders after it. Only a guess: a listing loaded for nothing costs a LIST."""
+        next subfolders after it, and below each of those its first subfolders
+        (FOLDER_LIST_DEPTH). During a reading walk, open the first files of ``path`` and of the
+        folders listed ahead too (READING_WALK_S). Only a guess: a listing loaded for nothing
+        costs a LIST, a file opened for nothing a GET."""
         subs = [join(path, name) for name, attrs in entries if attrs.is_dir]
         self._walked[path] = subs
         self._walked.move_to_end(path)
@@ -758,20 +775,67 @@ class Operations(pyfuse3.Operations):
             self._walked.popitem(last=False)
         if self.nursery is None:
             return
-        ahead = subs[:FOLDER_LIST_AHEAD]
+        ahead = [(sub, 0) for sub in subs[:FOLDER_LIST_AHEAD]]
         siblings = self._walked.get(split(path)[0]) if path else None
-        if siblings is not None and path in siblings:
+        walk = siblings is not None and path in siblings
+        if walk:
+            assert siblings is not None
             i = siblings.index(path)
-            ahead += siblings[i + 1 : i + 1 + FOLDER_LIST_AHEAD]
-        for sub in ahead:
-            if self.listings.cached(sub) is None and not self.listings.loading(sub):
-                self.nursery.start_soon(self._load_ahead, sub)
+            ahead = [(sub, FOLDER_LIST_DEPTH) for sub, _ in ahead]
+            ahead += [(s, FOLDER_LIST_DEPTH) for s in siblings[i + 1 : i + 1 + FOLDER_LIST_AHEAD]]
+        reading = self._reading_walk()
+        if reading:
+            self._open_first_files(path, 1 + FOLDER_READAHEAD_FIRST)
+        for sub, depth in ahead:
+            self._ahead(sub, depth, reading)
 
-    async def _load_ahead(self, path: str) -> None:
+    def _ahead(self, path: str, depth: int, reading: bool) -> None:
+        """Folder ``path`` lies ahead of a walk: list it in the background (unless listed or
+        being listed already); once listed, the rest (``_listed_ahead``)."""
+        listing = self.listings.cached(path)
+        if listing is not None:
+            self._listed_ahead(path, listing, depth, reading)
+        elif (depth > 0 or reading or not self.listings.loading(path)) and self.nursery:
+            self.nursery.start_soon(self._load_ahead, path, depth)
+
+    def _listed_ahead(self, path: str, listing: dict[str, Attrs], depth: int,
+                      reading: bool) -> None:
+        """Folder ``path`` ahead of a walk is listed: during a reading walk open its first
+        file ahead, and while ``depth`` allows go on with its first subfolder."""
+        if reading:
+            self._open_first_files(path, 1)
+        if depth > 0:
+            first = min((name for name, a in listing.items() if a.is_dir), default=None)
+            if first is not None:
+                self._ahead(join(path, first), depth - 1, reading)
+
+    async def _load_ahead(self, path: str, depth: int = 0) -> None:
         try:
-            await self._listing(path)
+            listing = await self._listing(path)
         except Exception as exc:  # a hint: the readdir or lookup that needs it reports
             log.debug("listing of %s ahead of a walk: %s", path, exc)
+            return
+        self._listed_ahead(path, listing, depth, self._reading_walk())
+
+    def _reading_walk(self) -> bool:
+        """Whether files were opened for reading during a walk lately (READING_WALK_S)."""
+        return time.monotonic() < self._reading_walk_until
+
+    def _open_first_files(self, folder: str, count: int) -> None:
+        """Open the first ``count`` files of ``folder`` (listing order) ahead, from its cached
+        listing (none: nothing); the ones that are not small enough are left alone."""
+        listing = self.listings.cached(folder)
+        if not listing:
+            return
+        for name in sorted(n for n, a in listing.items() if a.kind == "file")[:count]:
+            self._open_ahead(join(folder, name), listing[name])
+
+    def _open_ahead(self, key: str, attrs: Attrs) -> None:
+        """Open one listed file ahead (EncryptedStore.prefetch_open), unless this mount holds a
+        version of its own (open here, pending, on its way out)."""
+        if (attrs.kind == "file" and attrs.etag is not None and attrs.cipher_size is not None
+                and self._local(key) is None and not self.journal.is_hidden(key)):
+            self.encstore.prefetch_open(key, attrs.etag, attrs.cipher_size)
 
     def _dots(self, node: Node) -> list[tuple[bytes, Node]]:
         parent = self.inodes.at(node.parent_path) if node.path else node
@@ -905,6 +969,8 @@ class Operations(pyfuse3.Operations):
         Only a guess (from the folder's last listing, fresh or not): what it gets wrong costs a
         GET, never a wrong answer (files are opened by the version listed)."""
         parent, name = split(path)
+        if parent in self._walked and parent and split(parent)[0] in self._walked:
+            self._reading_walk_until = time.monotonic() + READING_WALK_S
         listing = self.listings.peek(parent)
         if listing is None:
             return
@@ -938,12 +1004,8 @@ class Operations(pyfuse3.Operations):
             stop = min(i + 1 + FOLDER_READAHEAD_FILES, len(scan.names))
         for j in range(max(scan.ahead_until, i + 1), stop):
             attrs = listing.get(scan.names[j])
-            if (attrs is None or attrs.kind != "file" or attrs.etag is None
-                    or attrs.cipher_size is None):
-                continue
-            key = join(parent, scan.names[j])
-            if self._local(key) is None and not self.journal.is_hidden(key):
-                self.encstore.prefetch_open(key, attrs.etag, attrs.cipher_size)
+            if attrs is not None:
+                self._open_ahead(join(parent, scan.names[j]), attrs)
         scan.ahead_until = max(scan.ahead_until, stop)
 
     async def _refresh_listing(self, path: str) -> None:

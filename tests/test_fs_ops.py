@@ -551,6 +551,105 @@ async def test_a_walk_lists_the_next_folders_ahead(env: FS) -> None:
     assert await listed_ahead() == {"t/d"}
 
 
+async def test_a_walk_lists_first_subfolders_below_the_folders_ahead(env: FS) -> None:
+    # t/a, t/b, t/c, each with a chain of first subfolders x/y/z, and a second subfolder zz.
+    await env.mkdir("t")
+    for top in "abc":
+        path = f"t/{top}"
+        await env.mkdir(path)
+        await env.mkdir(f"{path}/zz")
+        for part in "xyz":
+            path += f"/{part}"
+            await env.mkdir(path)
+    await env.journal.flush()
+    listings = env.ops.listings
+    listings.invalidate_below("t")
+    env.ops._walked.clear()
+
+    async def listed() -> set[str]:
+        """Folders listed (or being listed) once the LISTs started ahead have all finished."""
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            loading = [f.loading for f in listings._folders.values() if f.loading is not None]
+            if not loading:
+                break
+            await loading[0].wait()
+        return {p for p in listings._folders if p.startswith("t/")
+                and listings.cached(p) is not None}
+
+    await env.listdir("t")  # no walk yet: only the first subfolders themselves
+    assert await listed() == {"t/a", "t/b", "t/c"}
+    await env.listdir("t/a")  # a walk: below each folder ahead its first subfolders
+    depth = fsmod.FOLDER_LIST_DEPTH
+    assert depth == 2
+    assert await listed() == {
+        "t/a", "t/b", "t/c",
+        "t/a/x", "t/a/x/y", "t/a/x/y/z", "t/a/zz",  # t/a's subfolders, and below the first
+        "t/b/x", "t/b/x/y", "t/c/x", "t/c/x/y",  # t's next ones after t/a, and below them
+    }
+
+
+async def test_a_reading_walk_opens_the_first_files_of_the_folders_ahead(env: FS) -> None:
+    es = env.ops.encstore
+    es.whole_object_bytes = WHOLE_OBJECT_BYTES
+    files: dict[str, bytes] = {}
+    await env.mkdir("t")
+    for top in "abcd":
+        await env.mkdir(f"t/{top}")
+        for i in range(6):
+            files[f"t/{top}/f{i}"] = pattern(30 + i, ord(top) + i)
+    for path, data in files.items():
+        await env.write_file(path, data)
+    await env.journal.flush()
+    listings = env.ops.listings
+
+    async def settled() -> set[str]:
+        """What was opened (ahead or not) once the LISTs and opens ahead have finished."""
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            waits = [f.loading for f in listings._folders.values() if f.loading is not None]
+            waits += list(es._open_flights.values())
+            if not waits:
+                break
+            await waits[0].wait()
+        return {k for k, _ in es._opened._d}
+
+    async def cold() -> None:
+        await settled()
+        listings.invalidate_below("t")
+        env.ops._walked.clear()
+        env.ops._scans.clear()
+        env.ops._reading_walk_until = 0.0
+        for path in files:
+            es.forget(path)
+
+    # A walk that only lists (find, ls -R, du) opens nothing ahead.
+    await cold()
+    await env.listdir("t")
+    for top in "abcd":
+        await env.listdir(f"t/{top}")
+    assert await settled() == set()
+    # A walk that reads (diff -r, cp -r): once it has read a file, each folder it lists next
+    # has its first files opened ahead, and each folder listed ahead its first file.
+    await cold()
+    await env.listdir("t")
+    await env.listdir("t/a")
+    assert await settled() == set()  # t's next folders listed ahead: no reading yet
+    assert await env.read_file("t/a/f0") == files["t/a/f0"]
+    first = fsmod.FOLDER_READAHEAD_FIRST
+    assert await settled() == {f"t/a/f{i}" for i in range(1 + first)}  # the first-file rule
+    await env.listdir("t/b")
+    assert await settled() == {f"t/a/f{i}" for i in range(1 + first)} | {
+        f"t/b/f{i}" for i in range(1 + first)} | {"t/c/f0", "t/d/f0"}
+    gets = env.store.stats.requests["get"]
+    for top in "bcd":  # the rest of the walk: every file read once, none fetched twice
+        await env.listdir(f"t/{top}")
+        for i in range(6):
+            assert await env.read_file(f"t/{top}/f{i}") == files[f"t/{top}/f{i}"]
+    await settled()
+    assert env.store.stats.requests["get"] - gets == 3 * 6 - (1 + first) - 2
+
+
 async def test_names_from_a_listing_are_cached_by_the_kernel_until_it_expires(env: FS) -> None:
     await env.write_file("stored", b"s")
     await env.journal.flush()
