@@ -104,8 +104,12 @@ RUN_BUFFERS_KEPT = 2
 #: GET instead of header, table and chunks: three round trips for a small file), their chunks
 #: decrypted into the cache.
 WHOLE_OBJECT_BYTES = 1024 * 1024 + HEADER_SIZE
-#: Default sequential read-ahead window (at most a quarter of the cache): four coalesced GETs.
-DEFAULT_READAHEAD_BYTES = 16 * 1024 * 1024
+#: Default sequential read-ahead window (at most a quarter of the cache): two coalesced 4 MiB
+#: GETs, topped up one GET at a time (when half the window is left). Its ciphertext buffers
+#: and the plaintext waiting in the cache's probation are daemon RSS: 16 MiB (four GETs, with
+#: a 32 MiB probation) read 256 MiB cold no faster here (1.18 vs 1.16 s, interleaved runs)
+#: and peaked at 133 MiB instead of 94.
+DEFAULT_READAHEAD_BYTES = 8 * 1024 * 1024
 #: get_to into a regular file: chunks per ranged GET (8 MiB, as boto3's download_file: per
 #: request the server and botocore spend milliseconds, and the request count halves against
 #: 4 MiB) and GETs in flight, each read into a reused buffer (store.get_into), decrypted and

@@ -141,6 +141,6 @@ def test_main_full_then_stream_stays_in_budget() -> None:
 
 
 def test_default_probation_is_small_and_fits_the_budget() -> None:
-    assert ChunkCache(256 << 20).probation_bytes == 32 << 20
-    assert ChunkCache(16 << 20).probation_bytes == 8 << 20
+    assert ChunkCache(256 << 20).probation_bytes == 8 << 20
+    assert ChunkCache(8 << 20).probation_bytes == 4 << 20
     assert ChunkCache(0).probation_bytes == 0
