@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cssfs import mount
+from cssfs.store import open_store
 
 MOUNTINFO = """\
 22 27 0:21 / /proc rw,relatime - proc proc rw
@@ -44,3 +45,19 @@ def test_raise_read_ahead_only_raises(tmp_path: Path, monkeypatch) -> None:
 
 def test_tune_malloc_is_harmless() -> None:
     assert mount.tune_malloc() in (True, False)
+
+
+def test_a_mount_bounds_the_parts_of_an_upload_in_flight(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    url, endpoint = "s3://bucket", "http://127.0.0.1:9"  # no request is made
+    s3 = open_store(url, endpoint_url=endpoint, region="us-east-1")
+    assert s3.concurrency > mount.UPLOAD_CONCURRENCY  # type: ignore[attr-defined]
+    mount.bound_uploads(s3, {})
+    assert s3.concurrency == mount.UPLOAD_CONCURRENCY  # type: ignore[attr-defined]
+    chosen = open_store(url, endpoint_url=endpoint, region="us-east-1", concurrency=8)
+    mount.bound_uploads(chosen, {"concurrency": 8})  # the store option wins
+    assert chosen.concurrency == 8  # type: ignore[attr-defined]
+    local = open_store(str(tmp_path))
+    mount.bound_uploads(local, {})  # nothing to bound
+    assert not hasattr(local, "concurrency")
