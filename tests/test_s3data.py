@@ -3,6 +3,7 @@ resolves them as a stock session does. No network: clients are only created."""
 
 from __future__ import annotations
 
+import botocore.exceptions
 import botocore.session
 import pytest
 
@@ -42,3 +43,10 @@ def test_clients_resolve_as_with_the_stock_table(region: str, service: str) -> N
         return client.meta.endpoint_url, client.meta.region_name
 
     assert endpoint(_lean()) == endpoint(botocore.session.Session())
+
+
+def test_a_session_whose_profile_is_missing_fails_where_it_did() -> None:
+    session = botocore.session.Session(profile="no-such-profile-cssfs")
+    use_lean_loader(session)  # botocore's loader stays; creating the client says why
+    with pytest.raises(botocore.exceptions.ProfileNotFound):
+        session.create_client("s3", region_name="us-east-1")

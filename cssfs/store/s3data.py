@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import botocore.exceptions
 import botocore.loaders
 import botocore.session
 
@@ -43,7 +44,13 @@ class _LeanFileLoader(botocore.loaders.JSONFileLoader):
 
 def use_lean_loader(session: botocore.session.Session) -> None:
     """Give ``session`` the data loader botocore would make (the same ``data_path`` search
-    paths), reading the endpoint table through _LeanFileLoader. Call before creating clients."""
-    loader = botocore.loaders.create_loader(session.get_config_variable("data_path"))
+    paths), reading the endpoint table through _LeanFileLoader. Call before creating clients.
+    A session whose configuration does not load (a missing profile, a bad config file) keeps
+    botocore's loader: creating its client raises that error, where the caller expects it."""
+    try:
+        data_path = session.get_config_variable("data_path")
+    except botocore.exceptions.BotoCoreError:
+        return
+    loader = botocore.loaders.create_loader(data_path)
     loader.file_loader = _LeanFileLoader()
     session.register_component("data_loader", loader)
