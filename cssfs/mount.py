@@ -37,6 +37,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -159,6 +160,22 @@ def bound_uploads(store: object, options: dict[str, Any]) -> None:
     in parallel (S3: its ``concurrency``), unless the store options set it."""
     if "concurrency" not in options and isinstance(getattr(store, "concurrency", None), int):
         store.concurrency = min(store.concurrency, UPLOAD_CONCURRENCY)  # type: ignore[attr-defined]
+
+
+def release_startup_memory() -> bool:
+    """Collect garbage and give the heap's free pages back to the system (glibc malloc_trim),
+    once the daemon has started: starting (botocore parses its endpoint and service JSON, the
+    first listing) leaves megabytes freed but resident, which would count in every later peak.
+    Best effort; False if this is not glibc."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(malloc_trim(0))
 
 
 def mount_device(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
@@ -639,6 +656,7 @@ async def serve(cfg: MountConfig, identity: Identity) -> None:
             await trio.to_thread.run_sync(raise_read_ahead, mountpoint)
 
         ops.after_init = read_ahead
+        release_startup_memory()
         pyfuse3.init(ops, mountpoint, fuse_options(cfg))
         try:
             nursery.start_soon(_serve_control, daemon, listener)
