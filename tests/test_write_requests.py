@@ -16,11 +16,17 @@ from tests.support.mounting import cmp_trees, fuse_test_marker, make_identity, m
 pytestmark = fuse_test_marker()
 
 
-def test_new_folders_need_no_list_and_no_head(tmp_path: Path) -> None:
+def _store_and_identity(tmp_path: Path) -> tuple[Path, Path]:
+    """An empty local store folder and a fresh identity file for one test's mounts."""
     store = tmp_path / "store"
     store.mkdir()
     identity = tmp_path / "identity"
     make_identity(identity)
+    return store, identity
+
+
+def test_new_folders_need_no_list_and_no_head(tmp_path: Path) -> None:
+    store, identity = _store_and_identity(tmp_path)
     src = tmp_path / "src"
     for rel in ("a.txt", "d/b.txt", "d/e/c.txt", "d/e/f/g.txt"):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -43,10 +49,7 @@ def test_new_folders_need_no_list_and_no_head(tmp_path: Path) -> None:
 def test_a_listed_folder_needs_no_policy_head(tmp_path: Path) -> None:
     """A folder listed (ls) shows whether it has a policy object: a file created in it next
     needs no policy HEAD, for it or for the root (listed when mounting)."""
-    store = tmp_path / "store"
-    store.mkdir()
-    identity = tmp_path / "identity"
-    make_identity(identity)
+    store, identity = _store_and_identity(tmp_path)
     with mounted(os.fspath(store), tmp_path / "mnt", identity, args=["--list-ttl", "30"]) as m:
         run("mkdir", m.path("old"))
         m.path("old", "a").write_bytes(b"a")
@@ -63,10 +66,7 @@ def test_a_listed_folder_needs_no_policy_head(tmp_path: Path) -> None:
 
 def test_with_no_listing_cache_new_folders_are_listed(tmp_path: Path) -> None:
     """The shortcut is the listing cache's: with a TTL of 0 every lookup LISTs as before."""
-    store = tmp_path / "store"
-    store.mkdir()
-    identity = tmp_path / "identity"
-    make_identity(identity)
+    store, identity = _store_and_identity(tmp_path)
     with mounted(os.fspath(store), tmp_path / "mnt", identity, args=["--list-ttl", "0"]) as m:
         run("mkdir", m.path("new"))
         before = m.status()["store_requests"]
